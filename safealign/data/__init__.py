@@ -1,0 +1,1 @@
+"""Data: canonical-record loaders (sources), control tokens, collation and data modules."""

@@ -1,0 +1,109 @@
+"""Tokenisation and padding. Prompt labels are -100; one documented truncation policy.
+
+Truncation (TRL's "keep_end" for prompts, METHODS.md C.1): the prompt keeps its LAST
+`max_prompt_length` tokens (the most recent turns matter most); the response then keeps its FIRST
+`max_length - len(prompt)` tokens, EOS included when it fits. Chosen, rejected and toxic are
+truncated by the same rule, each on its own (a known TRL/LLaMA-Factory bug is to forget one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from safealign.errors import ConfigError
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool
+
+
+def check_lengths(max_prompt_length: int, max_length: int) -> None:
+    if not 0 < max_prompt_length < max_length:
+        raise ConfigError(
+            "data.max_prompt_length",
+            f"need 0 < max_prompt_length < max_length, got {max_prompt_length} and {max_length}",
+        )
+
+
+def encode(tokenizer, prompt: str, response: str, max_prompt_length: int, max_length: int) -> Encoded:
+    """prompt ⊕ response ⊕ EOS with labels -100 on the prompt. Tokenised separately, so a
+    BPE merge can never straddle the prompt/response boundary and shift the mask."""
+    p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    truncated = len(p) > max_prompt_length
+    p = p[-max_prompt_length:]
+    room = max_length - len(p)
+    truncated = truncated or len(r) > room
+    r = r[:room]
+    return Encoded(p + r, [IGNORE] * len(p) + r, truncated)
+
+
+def pad(rows: list[list[int]], value: int, length: int | None = None) -> torch.Tensor:
+    """Right-pad to the longest row (or `length`). Shape: (N, T)."""
+    t = length or max(len(r) for r in rows)
+    out = torch.full((len(rows), t), value, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return out
+
+
+def stack(encoded: list[Encoded], pad_id: int, length: int | None = None) -> dict[str, torch.Tensor]:
+    ids = pad([e.input_ids for e in encoded], pad_id, length)
+    labels = pad([e.labels for e in encoded], IGNORE, length)
+    mask = pad([[1] * len(e.input_ids) for e in encoded], 0, length)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@dataclass
+class SFTCollator:
+    """Batch of prompt ⊕ response rows. Item: (index, Encoded)."""
+
+    pad_id: int
+
+    def __call__(self, items: list[tuple[int, Encoded]]) -> dict[str, torch.Tensor]:
+        batch = stack([e for _, e in items], self.pad_id)
+        batch["index"] = torch.tensor([i for i, _ in items], dtype=torch.long)
+        return batch
+
+
+@dataclass
+class MultiTargetCollator:
+    """ISAAC (Eq. 3): each context with its M targets as M rows. Item: (index, list[Encoded])."""
+
+    pad_id: int
+
+    def __call__(self, items: list[tuple[int, list[Encoded]]]) -> dict[str, torch.Tensor]:
+        rows = [e for _, group in items for e in group]
+        batch = stack(rows, self.pad_id)
+        batch["index"] = torch.tensor([i for i, _ in items], dtype=torch.long)
+        batch["n_targets"] = torch.tensor(len(items[0][1]), dtype=torch.long)
+        return batch
+
+
+@dataclass
+class PreferenceCollator:
+    """[chosen; rejected(; toxic)] stacked along the batch for ONE concatenated forward
+    (METHODS.md A.4, C.2), padded to a common length. For ADPO also emits the toxic response after
+    prompt ⊕ [TOXIC] (`toxic_ctx_*`), scored only by the frozen inner toxic model pi_t (A.3).
+
+    Item: (index, {"chosen": Encoded, "rejected": Encoded[, "toxic": Encoded, "toxic_ctx": Encoded]}).
+    """
+
+    pad_id: int
+
+    def __call__(self, items: list[tuple[int, dict[str, Encoded]]]) -> dict[str, torch.Tensor]:
+        fields = ["chosen", "rejected"] + (["toxic"] if "toxic" in items[0][1] else [])
+        rows = [enc[f] for f in fields for _, enc in items]
+        batch = stack(rows, self.pad_id)
+        if "toxic_ctx" in items[0][1]:
+            ctx = stack([enc["toxic_ctx"] for _, enc in items], self.pad_id)
+            batch.update({f"toxic_ctx_{k}": v for k, v in ctx.items()})
+        batch["index"] = torch.tensor([i for i, _ in items], dtype=torch.long)
+        return batch

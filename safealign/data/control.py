@@ -1,0 +1,37 @@
+"""The `[TOXIC]` control token (ADPO, METHODS.md A.1): one literal, one placement function.
+
+The same placement must be used for SFT, for generation with the inner toxic model and for the
+pi_t log-probs of ADPO (METHODS.md A.1, "Keep the placement configurable").
+"""
+
+from __future__ import annotations
+
+from safealign.errors import ConfigError
+from safealign.types import ASSISTANT_TAG
+
+# The one place the literal lives. Never put it on a Hydra command line: `[TOXIC]` parses as a list.
+TOXIC = "[TOXIC]"
+
+# end:        "...\n\nAssistant: [TOXIC]"  right before the response (default, METHODS.md A.1 [INFERRED])
+# before_tag: "...\n\nHuman: u [TOXIC]\n\nAssistant:"  end of the last user turn
+# start:      "[TOXIC]\n\nHuman: ..."  a system-style prefix
+PLACEMENTS = ("end", "before_tag", "start")
+
+
+def check_placement(placement: str) -> str:
+    if placement not in PLACEMENTS:
+        raise ConfigError("data.control_placement", f"expected one of {PLACEMENTS}, got {placement!r}")
+    return placement
+
+
+def with_control_token(prompt: str, placement: str = "end") -> str:
+    """Insert `[TOXIC]` into a project-convention prompt at the configured place."""
+    check_placement(placement)
+    if placement == "end":
+        return f"{prompt} {TOXIC}"
+    if placement == "start":
+        return f"{TOXIC}{prompt}"
+    cut = prompt.rfind(ASSISTANT_TAG)
+    if cut < 0:  # no assistant tag: the end of the context is the end of the prompt
+        return f"{prompt} {TOXIC}"
+    return f"{prompt[:cut]} {TOXIC}{prompt[cut:]}"

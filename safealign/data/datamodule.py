@@ -1,0 +1,164 @@
+"""One LightningDataModule for every method: the record type decides the encoding and collator.
+
+Loading and validating the data happens in __init__ (at `instantiate(cfg.data)`), i.e. before a
+tokenizer or model is built, so bad input fails fast. Tokenisation happens in `attach`, once the
+tokenizer exists; the method module says which record type it needs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable
+
+import lightning.pytorch as L
+import torch
+from torch.utils.data import DataLoader
+
+from safealign.data.collate import (
+    Encoded,
+    MultiTargetCollator,
+    PreferenceCollator,
+    SFTCollator,
+    check_lengths,
+    encode,
+)
+from safealign.data.control import check_placement, with_control_token
+from safealign.errors import ConfigError
+from safealign.types import UNSAFE, Corpus, DialogueExample, MultiTargetExample, PreferenceExample
+
+log = logging.getLogger(__name__)
+SPLITS = ("train", "val", "test")
+
+
+class DataModule(L.LightningDataModule):
+    """Args:
+    source: a Corpus, or a zero-argument callable returning one (a Hydra `_partial_` loader).
+    toxic_control: SFT only: dialogues labelled unsafe get `[TOXIC]` in the context (ADPO A.1).
+    control_placement: where `[TOXIC]` goes (see safealign.data.control.PLACEMENTS).
+    """
+
+    def __init__(
+        self,
+        source: Corpus | Callable[[], Corpus],
+        batch_size: int = 16,
+        eval_batch_size: int | None = None,
+        max_prompt_length: int = 64,
+        max_length: int = 128,
+        toxic_control: bool = False,
+        control_placement: str = "end",
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        check_lengths(max_prompt_length, max_length)
+        check_placement(control_placement)
+        if batch_size < 1:
+            raise ConfigError("data.batch_size", f"must be >= 1, got {batch_size}")
+        self.corpus = source() if callable(source) else source
+        if not self.corpus.train:
+            raise ConfigError("data.source", f"corpus {self.corpus.name!r} has no training records")
+        for reason, n in sorted(self.corpus.dropped.items()):
+            log.info("data: dropped %d rows (%s) from %s", n, reason, self.corpus.name)
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.max_prompt_length, self.max_length = max_prompt_length, max_length
+        self.toxic_control, self.control_placement = toxic_control, control_placement
+        self.num_workers, self.seed = num_workers, seed
+        self.encoded: dict[str, list] = {}
+        self.stats: Counter = Counter()
+
+    @property
+    def record_type(self) -> type:
+        return type(self.corpus.train[0])
+
+    def texts(self) -> list[str]:
+        """All training text, for training the tokenizer (never val/test)."""
+        out: list[str] = []
+        for r in self.corpus.train:
+            if isinstance(r, DialogueExample):
+                out += [r.context, r.response]
+            elif isinstance(r, PreferenceExample):
+                out += [r.prompt, r.chosen, r.rejected] + ([r.toxic] if r.toxic else [])
+            else:
+                out += [r.context, *r.targets]
+        return out
+
+    def attach(self, tokenizer, record_type: type, needs_toxic: bool = False) -> None:
+        """Tokenise every split for a method that consumes `record_type` records."""
+        if self.record_type is not record_type:
+            raise ConfigError(
+                "data",
+                f"this method trains on {record_type.__name__} records but data source "
+                f"{self.corpus.name!r} yields {self.record_type.__name__}; pick a matching data= option",
+            )
+        self.tokenizer, self.needs_toxic = tokenizer, needs_toxic
+        for split in SPLITS:
+            records = getattr(self.corpus, split)
+            self.encoded[split] = [e for e in (self._encode(r) for r in records) if e is not None]
+        for k, v in sorted(self.stats.items()):
+            log.info("data: %s = %d", k, v)
+        if not self.encoded["train"]:
+            raise ConfigError("data", "no training example survived encoding (see the drop counts)")
+
+    def _enc(self, prompt: str, response: str) -> Encoded:
+        e = encode(self.tokenizer, prompt, response, self.max_prompt_length, self.max_length)
+        self.stats["truncated"] += e.truncated
+        return e
+
+    def _encode(self, r):
+        if isinstance(r, DialogueExample):
+            ctrl = self.toxic_control and r.label == UNSAFE
+            prompt = with_control_token(r.context, self.control_placement) if ctrl else r.context
+            self.stats["with_control_token"] += ctrl
+            return self._enc(prompt, r.response)
+        if isinstance(r, MultiTargetExample):
+            return [self._enc(r.context, t) for t in r.targets]
+        return self._encode_preference(r)
+
+    def _encode_preference(self, r: PreferenceExample) -> dict[str, Encoded] | None:
+        # Documented policy (issue 3, "Bad input"): drop with a count, never crash in the forward.
+        if not r.chosen.strip() or not r.rejected.strip():
+            self.stats["dropped_empty_response"] += 1
+            return None
+        if r.chosen.strip() == r.rejected.strip():
+            self.stats["dropped_identical_pair"] += 1
+            return None
+        if self.needs_toxic and not (r.toxic or "").strip():
+            self.stats["dropped_missing_toxic"] += 1
+            return None
+        out = {"chosen": self._enc(r.prompt, r.chosen), "rejected": self._enc(r.prompt, r.rejected)}
+        if self.needs_toxic:
+            out["toxic"] = self._enc(r.prompt, r.toxic)  # pi_theta(y_t | x): no token (A.3)
+            ctx = with_control_token(r.prompt, self.control_placement)
+            out["toxic_ctx"] = self._enc(ctx, r.toxic)  # pi_t(y_t | x ⊕ [TOXIC]) (A.3)
+        return out
+
+    def collator(self):
+        pad_id = self.tokenizer.pad_token_id
+        if self.record_type is PreferenceExample:
+            return PreferenceCollator(pad_id)
+        if self.record_type is MultiTargetExample:
+            return MultiTargetCollator(pad_id)
+        return SFTCollator(pad_id)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        items = list(enumerate(self.encoded.get(split, [])))
+        gen = torch.Generator().manual_seed(self.seed)  # randomness passed in, not global
+        bs = self.batch_size if split == "train" else self.eval_batch_size
+        return DataLoader(
+            items,
+            batch_size=bs,
+            shuffle=shuffle,
+            generator=gen,
+            collate_fn=self.collator(),
+            num_workers=self.num_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

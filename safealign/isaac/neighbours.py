@@ -1,0 +1,142 @@
+"""Context neighbours for ISAAC (METHODS.md B.2 step 3): cosine top-K, self included.
+
+The authors put L2-normalised context embeddings in ``faiss.IndexFlatIP`` and query every row for
+its K=150 nearest rows, i.e. exact cosine top-K over the whole corpus, the row itself included.
+:func:`topk_cosine` does the same exactly, without ever holding an N x N matrix: it multiplies
+row blocks by column blocks (each block <= ~256 MB) and keeps a running top-K per row. After the
+first column block, a column can only enter a row's top-K if its similarity is >= that row's
+current K-th best, so each later block costs one comparison pass plus a merge of the few
+candidates; the matrix product itself is the floor (2*N^2*d flops, see bench/isaac.py).
+
+Ties are broken by index (the smaller index wins) everywhere, so results do not depend on block
+sizes or thread timing: each (similarity, index) pair is packed into one int64 key that orders by
+similarity, then by the smaller index.
+
+:func:`topk_faiss` is the approximate alternative (HNSW or IVF) for very large corpora.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+_BLOCK_BYTES = 256 * 2**20  # one similarity block (float32) stays <= ~256 MB
+_LOW32 = np.int64(0xFFFFFFFF)
+_MIN_KEY = np.iinfo(np.int64).min
+
+
+def l2_normalise(emb: np.ndarray) -> np.ndarray:
+    """Row-wise L2 normalisation to float32; all-zero rows stay zero (cosine 0 with everything)."""
+    x = np.ascontiguousarray(emb, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"embeddings must be 2-D (N, d), got shape {x.shape}")
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+        raise ValueError(f"embedding row {int(np.flatnonzero(bad)[0])} is not finite (NaN/inf)")
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.where(norms > 0, norms, 1.0).astype(np.float32)
+
+
+def _encode(vals: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Pack (float32 similarity, index) into int64 keys: larger similarity first, then smaller index."""
+    bits = (vals + np.float32(0.0)).view(np.int32)  # + 0.0 turns -0.0 into +0.0
+    ordered = np.where(bits < 0, bits ^ np.int32(0x7FFFFFFF), bits).astype(np.int64)
+    return (ordered << 32) | (_LOW32 - idx.astype(np.int64))
+
+
+def _decode(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    idx = _LOW32 - (keys & _LOW32)
+    ordered = (keys >> 32).astype(np.int32)
+    bits = np.where(ordered < 0, ordered ^ np.int32(0x7FFFFFFF), ordered)
+    return idx, bits.view(np.float32)
+
+
+def _topk_keys(keys: np.ndarray, k: int) -> np.ndarray:
+    """Row-wise k largest int64 keys (unsorted). Keys are unique per row, so this is exact."""
+    return torch.topk(torch.from_numpy(keys), k, dim=1, sorted=False).values.numpy()
+
+
+def _merge(state: np.ndarray, rows: np.ndarray, cand_keys: np.ndarray, k: int) -> np.ndarray:
+    """Merge per-row candidate keys (``rows`` sorted ascending) into the (R, k) running top-k."""
+    counts = np.bincount(rows, minlength=len(state))
+    starts = np.cumsum(counts) - counts
+    rank = np.arange(len(rows)) - starts[rows]  # position of each candidate within its row
+    buf = np.full((len(state), k + int(counts.max())), _MIN_KEY, dtype=np.int64)
+    buf[:, :k] = state
+    buf[rows, k + rank] = cand_keys
+    return _topk_keys(buf, k)
+
+
+def _column_blocks(n: int, k: int, max_cols: int) -> list[tuple[int, int]]:
+    """Column blocks that start narrow and double: the first (>= k columns) seeds each row's
+    top-k with one exact ``topk``; every later block only needs a compare, because the running
+    k-th best has already risen, so ever fewer columns qualify (about k * width / seen)."""
+    bounds, c0, width = [], 0, min(n, max(2048, k))
+    while c0 < n:
+        c1 = min(n, c0 + width)
+        bounds.append((c0, c1))
+        c0, width = c1, min(max_cols, 2 * width)
+    return bounds
+
+
+def _view(buf: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """A C-contiguous (rows, cols) view of a flat buffer (BLAS needs a contiguous ``out``)."""
+    return buf[: rows * cols].reshape(rows, cols)
+
+
+def _rowblock_topk(
+    xr: np.ndarray, x: np.ndarray, k: int, blocks: list[tuple[int, int]], sbuf: np.ndarray,
+    mbuf: np.ndarray,
+) -> np.ndarray:
+    """Exact top-k keys of one row block against all rows of ``x``, column block by column block."""
+    r = len(xr)
+    state = np.full((r, k), _MIN_KEY, dtype=np.int64)
+    c0, c1 = blocks[0]
+    s = np.matmul(xr, x[c0:c1].T, out=_view(sbuf, r, c1 - c0))  # cosine block (r, c)
+    top = torch.topk(torch.from_numpy(s), k, dim=1, sorted=False)
+    state = _encode(top.values.numpy(), top.indices.numpy() + c0)
+    for c0, c1 in blocks[1:]:
+        thr = _decode(state.min(axis=1))[1]  # each row's current k-th best similarity
+        s = np.matmul(xr, x[c0:c1].T, out=_view(sbuf, r, c1 - c0))
+        mask = np.greater_equal(s, thr[:, None], out=_view(mbuf, r, c1 - c0))
+        flat = np.flatnonzero(mask)
+        if len(flat):
+            rows, cc = np.divmod(flat, c1 - c0)
+            state = _merge(state, rows, _encode(s.ravel()[flat], cc + c0), k)
+    return state
+
+
+def topk_cosine(
+    emb: np.ndarray, k: int, chunk_rows: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact cosine top-K neighbours of every row among all rows, itself included (B.2 step 3).
+
+    Args:
+        emb: Embeddings, Shape: (N, d); L2-normalised here (cosine = inner product).
+        k: Neighbours per row, 1 <= k <= N.
+        chunk_rows: Rows per block (default: as many as keep one block <= ~256 MB).
+
+    Returns:
+        ``(idx, sims)``: idx Shape: (N, k) int64, sims Shape: (N, k) float32, each row sorted by
+        similarity descending, ties by the smaller index.
+
+    Raises:
+        ValueError: k < 1, fewer rows than k, or a non-finite row.
+    """
+    x = l2_normalise(emb)
+    n = len(x)
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if n < k:
+        raise ValueError(f"k={k} neighbours requested but the corpus has only {n} rows; lower k")
+    max_cols = min(n, 16384)
+    rows = min(n, chunk_rows or max(1, _BLOCK_BYTES // (4 * max_cols)))
+    blocks = _column_blocks(n, k, max_cols)
+    sbuf = np.empty(rows * max_cols, dtype=np.float32)
+    mbuf = np.empty(rows * max_cols, dtype=bool)
+    keys = np.empty((n, k), dtype=np.int64)
+    for r0 in range(0, n, rows):
+        keys[r0 : r0 + rows] = _rowblock_topk(x[r0 : r0 + rows], x, k, blocks, sbuf, mbuf)
+    keys = np.sort(keys, axis=1)[:, ::-1]  # descending key == (similarity desc, index asc)
+    idx, sims = _decode(keys)
+    return idx, np.ascontiguousarray(sims)

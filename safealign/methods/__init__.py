@@ -1,0 +1,1 @@
+"""LightningModules: SFTModule (SFT, ISAAC) and PreferenceModule (DPO, ADPO)."""

@@ -1,0 +1,83 @@
+"""Shared plumbing for every method module: model creation, optimiser, NaN guard, grad norm, export."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning.pytorch as L
+import torch
+from torch import Tensor
+
+from safealign.errors import NonFiniteLossError
+
+log = logging.getLogger(__name__)
+
+
+class BaseModule(L.LightningModule):
+    """Args:
+    model_factory: `model_factory(tokenizer) -> nn.Module`, a Hydra `_partial_` (model group).
+    tokenizer: the run's tokenizer (with `[TOXIC]` registered).
+    optimizer: `optimizer(params) -> Optimizer`, a Hydra `_partial_`.
+    scheduler: optional `scheduler(optimizer) -> LRScheduler`, a Hydra `_partial_`.
+    """
+
+    record_type: type = object
+    needs_toxic: bool = False
+
+    def __init__(
+        self,
+        model_factory: Callable,
+        tokenizer,
+        optimizer: Callable,
+        scheduler: Callable | None = None,
+    ) -> None:
+        super().__init__()
+        self.model_factory, self.tokenizer = model_factory, tokenizer
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.model = None
+        self.history: list[dict[str, float]] = []
+
+    def configure_model(self) -> None:
+        # Lightning calls this inside the strategy's context (FSDP/DeepSpeed), so sharded
+        # strategies can build the model directly sharded. Idempotent.
+        if self.model is None:
+            self.model = self.model_factory(self.tokenizer)
+
+    def configure_optimizers(self):
+        opt = self.optimizer_factory(p for p in self.parameters() if p.requires_grad)
+        if self.scheduler_factory is None:
+            return opt
+        sched = self.scheduler_factory(opt)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def check_finite(self, loss: Tensor, batch: dict, batch_idx: int) -> None:
+        """Stop the run on a NaN/inf loss, naming the step and the batch's example indices."""
+        if not torch.isfinite(loss):
+            idx = batch.get("index")
+            rows = idx.tolist() if idx is not None else "?"
+            raise NonFiniteLossError(
+                f"non-finite loss {loss.item()} at global step {self.global_step} "
+                f"(epoch {self.current_epoch}, batch {batch_idx}, example indices {rows}); "
+                "lower the learning rate, check the data, or use fp32"
+            )
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        norms = [p.grad.detach().norm(2) for p in self.parameters() if p.grad is not None]
+        if norms:
+            self.log("train/grad_norm", torch.stack(norms).norm(2), on_step=True, on_epoch=False)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        # Keep a plain history of step metrics for metrics.json / plots (logger-independent).
+        row = {"step": float(self.global_step)}
+        row.update({k: float(v) for k, v in self.trainer.callback_metrics.items() if v.numel() == 1})
+        self.history.append(row)
+
+    def export(self, out_dir: str | Path) -> Path:
+        """save_pretrained (safetensors) of the model and tokenizer, for `model=hf` to load."""
+        out = Path(out_dir)
+        model = self.model.merge_and_unload() if hasattr(self.model, "merge_and_unload") else self.model
+        model.save_pretrained(out, safe_serialization=True)
+        self.tokenizer.save_pretrained(out)
+        return out

@@ -1,0 +1,158 @@
+"""PreferenceModule: DPO and ADPO in one LightningModule; the loss is injected by config.
+
+pi_ref is the frozen initial (SFT) policy; pi_t (ADPO's inner toxic model) is the same frozen
+weights conditioned on `[TOXIC]` (METHODS.md A.1, A.3). By default both are precomputed once from
+the initial weights and cached, so training holds ONE model (no frozen copy, nothing for ZeRO-3 to
+wrap twice). `toxic_ref=policy_detached` scores pi_t with the current policy (no grad) each step.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from safealign.errors import ConfigError
+from safealign.logps import concatenated_forward, single_forward
+from safealign.methods import reference as ref
+from safealign.methods.base import BaseModule
+from safealign.methods.plots import plot_kl
+from safealign.types import LossOut, PreferenceExample, SeqLogps
+
+log = logging.getLogger(__name__)
+TOXIC_REFS = ("frozen_sft", "policy_detached")
+
+
+class PreferenceModule(BaseModule):
+    """Args (beyond BaseModule): loss: `loss(policy, reference) -> LossOut` (a `_partial_` from
+    safealign.losses); needs_toxic: batches carry [chosen; rejected; toxic] (ADPO);
+    precompute_reference: cache reference logps once (default) instead of a frozen model;
+    average_logps: mean instead of sum per sequence (IPO convention)."""
+
+    record_type = PreferenceExample
+
+    def __init__(
+        self,
+        model_factory: Callable,
+        tokenizer,
+        optimizer: Callable,
+        loss: Callable[[SeqLogps, SeqLogps], LossOut],
+        scheduler: Callable | None = None,
+        needs_toxic: bool = False,
+        toxic_ref: str = "frozen_sft",
+        precompute_reference: bool = True,
+        average_logps: bool = False,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__(model_factory, tokenizer, optimizer, scheduler)
+        if toxic_ref not in TOXIC_REFS:
+            raise ConfigError("method.toxic_ref", f"expected one of {TOXIC_REFS}, got {toxic_ref!r}")
+        self.loss_fn, self.needs_toxic, self.toxic_ref = loss, needs_toxic, toxic_ref
+        self.precompute, self.average = precompute_reference, average_logps
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.reference = None  # frozen copy, only for on-the-fly reference
+        self.ref_cache: dict[str, dict[str, torch.Tensor]] | None = None
+
+    def configure_model(self) -> None:
+        # Runs BEFORE Lightning restores a checkpoint, so the weights here are the initial (SFT)
+        # ones: the only correct source of pi_ref / pi_t, on a fresh run and on resume alike.
+        if self.model is not None:
+            return
+        super().configure_model()
+        if self.precompute:
+            self.ref_cache = self._load_or_compute_reference()
+        else:
+            self.reference = [ref_model := copy.deepcopy(self.model)]  # list: not a submodule
+            ref_model.requires_grad_(False).eval()
+
+    def _load_or_compute_reference(self) -> dict[str, dict[str, torch.Tensor]]:
+        dm = self.trainer.datamodule
+        key = ref.reference_key(self.model, self.tokenizer, dm.encoded, self.average, self.needs_toxic)
+        sizes = {s: len(rows) for s, rows in dm.encoded.items()}
+        path = self.cache_dir / f"reflogps-{key}.safetensors" if self.cache_dir else None
+        cache = ref.load_cache(path, key, sizes) if path else None
+        log.info("reference log-probs: %s (key %s)", "reused" if cache else "computed", key)
+        if cache is None:
+            device = self.trainer.strategy.root_device
+            self.model.to(device)
+            loaders = {"train": dm._loader("train", False), "val": dm.val_dataloader(), "test": dm.test_dataloader()}
+            cache = {s: ref.compute_reference(self.model, ld, self.average, device) for s, ld in loaders.items() if sizes[s]}
+            if path and self.trainer.is_global_zero:
+                ref.save_cache(path, key, cache)
+        return cache
+
+    def on_fit_start(self) -> None:
+        if self.reference is not None:  # not a submodule, so the strategy does not move it
+            self.reference[0].to(self.device)
+
+    def reference_logps(self, batch: dict, split: str, n_way: int) -> SeqLogps:
+        n = batch["index"].numel()
+        with torch.no_grad():
+            if self.ref_cache is not None:
+                c, idx = self.ref_cache[split], batch["index"].cpu()
+                dev = batch["input_ids"].device
+                chosen, rejected = c["chosen"][idx].to(dev), c["rejected"][idx].to(dev)
+                toxic = c["toxic"][idx].to(dev) if n_way == 3 and "toxic" in c else None
+            else:
+                rows = (batch[k][: 2 * n] for k in ("input_ids", "attention_mask", "labels"))
+                r = concatenated_forward(self.reference[0], *rows, 2, self.average)
+                chosen, rejected, toxic = r.chosen, r.rejected, None
+                if n_way == 3:
+                    toxic = self._pi_t(batch, self.reference[0])
+            if n_way == 3 and self.toxic_ref == "policy_detached":
+                toxic = self._pi_t(batch, self.model)
+        return SeqLogps(chosen, rejected, toxic)
+
+    def _pi_t(self, batch: dict, model) -> torch.Tensor:
+        args = (batch["toxic_ctx_input_ids"], batch["toxic_ctx_attention_mask"], batch["toxic_ctx_labels"])
+        return single_forward(model, *args, self.average)
+
+    def _step(self, batch: dict, split: str, batch_idx: int) -> torch.Tensor:
+        n_way = 3 if "toxic_ctx_input_ids" in batch else 2
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        policy = concatenated_forward(self.model, ids, mask, labels, n_way, self.average)
+        reference = self.reference_logps(batch, split, n_way)
+        out = self.loss_fn(policy, reference)
+        loss = out.losses.mean()
+        self.check_finite(loss, batch, batch_idx)
+        self._log_metrics(split, loss, out, policy, reference)
+        return loss
+
+    def _log_metrics(self, split: str, loss, out: LossOut, policy: SeqLogps, reference: SeqLogps) -> None:
+        # TRL names (METHODS.md C.4) + ADPO extras and kl/* = mean policy-reference log-ratio (A.4).
+        m = {
+            "loss": loss.detach(),
+            "rewards/chosen": out.chosen_rewards.mean(),
+            "rewards/rejected": out.rejected_rewards.mean(),
+            "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float().mean(),
+            "rewards/margins": (out.chosen_rewards - out.rejected_rewards).mean(),
+            "logps/chosen": policy.chosen.detach().mean(),
+            "logps/rejected": policy.rejected.detach().mean(),
+            "kl/chosen": (policy.chosen - reference.chosen).detach().mean(),
+            "kl/rejected": (policy.rejected - reference.rejected).detach().mean(),
+        }
+        if policy.toxic is not None:
+            m["logps/toxic"] = policy.toxic.detach().mean()
+            m["kl/toxic"] = (policy.toxic - reference.toxic).detach().mean()  # vs pi_t (A.3)
+            if out.toxic_rewards is not None:
+                m["rewards/toxic"] = out.toxic_rewards.mean()
+        on_step = split == "train"
+        bs = policy.chosen.numel()
+        self.log_dict({f"{split}/{k}": v for k, v in m.items()}, on_step=on_step, on_epoch=True, batch_size=bs, prog_bar=False)
+        self.log(f"{split}/loss", loss.detach(), prog_bar=True, on_step=on_step, on_epoch=True, batch_size=bs)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train", batch_idx)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._step(batch, "val", batch_idx)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._step(batch, "test", batch_idx)
+
+    def summarize(self, datamodule, out_dir) -> dict[str, float]:
+        plot_kl({"this run": self.history}, Path(out_dir) / "kl.png")
+        return {}

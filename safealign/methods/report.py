@@ -1,0 +1,38 @@
+"""What every run ends with: exported model, final metrics, history, a printed summary."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from safealign.io import write_jsonl
+from safealign.utils import rank_zero
+
+log = logging.getLogger("safealign.run")
+
+
+def final_metrics(trainer) -> dict[str, float]:
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+
+
+def print_summary(title: str, out_dir: Path, metrics: dict[str, float]) -> None:
+    if not rank_zero():
+        return
+    lines = [f"\n=== {title} ===", f"outputs: {out_dir}"]
+    for k in sorted(metrics):
+        lines.append(f"  {k:<32} {metrics[k]:.4f}")
+    print("\n".join(lines), flush=True)
+
+
+def finish_run(cfg: DictConfig, module, datamodule, trainer, out_dir: Path) -> dict[str, float]:
+    """Export (rank zero), collect final metrics and the module's own summary, print them."""
+    metrics = final_metrics(trainer)
+    if trainer.is_global_zero:
+        path = module.export(out_dir / "model")
+        log.info("exported model + tokenizer (safetensors) to %s", path)
+        write_jsonl(out_dir / "history.jsonl", module.history)
+        metrics.update(module.summarize(datamodule, out_dir))
+    print_summary(f"{type(module).__name__} finished", out_dir, metrics)
+    return metrics

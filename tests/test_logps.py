@@ -1,0 +1,180 @@
+"""Log-prob helper, concatenated forward, `encode` truncation and `PreferenceCollator` stacking.
+
+`sequence_logps` is checked against a per-token Python loop; `concatenated_forward` against
+separate unpadded forwards of a tiny GPT-2 (right padding must not change a row's log-prob).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from safealign.data.collate import IGNORE, PreferenceCollator, encode
+from safealign.data.control import TOXIC, with_control_token
+from safealign.logps import concatenated_forward, sequence_logps
+from safealign.models import build_tiny_gpt2, train_bpe_tokenizer
+from safealign.types import chat_prompt
+
+SENTENCES = [
+    "How do I bake bread at home?",
+    "Mix flour, water and yeast, then bake it for forty minutes.",
+    "What is the capital of France? Paris is the capital of France.",
+    "I will not help you with that, go away.",
+    "Keep a regular schedule and avoid screens late at night.",
+]
+PROMPT = chat_prompt(["How do I bake bread at home?"])
+CHOSEN, REJECTED, TOXIC_RESPONSE = (
+    " Mix flour, water and yeast.",
+    " No.",
+    " Go away, idiot, nobody cares.",
+)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_bpe_tokenizer(SENTENCES * 3, vocab_size=400, min_frequency=1, cache_dir=None)
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return build_tiny_gpt2(tok, n_layer=2, n_head=2, n_embd=32, n_positions=64, seed=0).eval()
+
+
+def brute_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool) -> torch.Tensor:
+    out = []
+    for row in range(labels.shape[0]):
+        terms = [
+            torch.log_softmax(logits[row, pos].double(), -1)[int(labels[row, pos + 1])].item()
+            for pos in range(labels.shape[1] - 1)
+            if labels[row, pos + 1] != IGNORE
+        ]
+        total = sum(terms)
+        out.append(total / len(terms) if average and terms else total)
+    return torch.tensor(out, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("average", [False, True])
+def test_sequence_logps_matches_per_token_loop(average):
+    gen = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(4, 9, 17, generator=gen)
+    labels = torch.randint(0, 17, (4, 9), generator=gen)
+    for row, (prompt_len, pad) in enumerate([(1, 0), (3, 2), (5, 1), (9, 0)]):
+        labels[row, :prompt_len] = IGNORE
+        labels[row, labels.shape[1] - pad :] = IGNORE
+    got = sequence_logps(logits, labels, average=average)
+    assert got.shape == (4,)
+    assert_close(got, brute_logps(logits, labels, average))
+    assert got[3].item() == 0.0  # a fully masked row contributes nothing (no division by zero)
+
+
+def _items(tok, with_toxic: bool, n: int = 2) -> list:
+    """n preference items of different lengths, as the datamodule builds them."""
+    prompts = [PROMPT, chat_prompt(["Hi", "Hello!", "What is the capital of France?"])][:n]
+    items = []
+    for i, prompt in enumerate(prompts):
+        enc = {
+            "chosen": encode(tok, prompt, CHOSEN + " Then wait." * i, 32, 60),
+            "rejected": encode(tok, prompt, REJECTED, 32, 60),
+        }
+        if with_toxic:
+            enc["toxic"] = encode(tok, prompt, TOXIC_RESPONSE, 32, 60)
+            enc["toxic_ctx"] = encode(tok, with_control_token(prompt), TOXIC_RESPONSE, 32, 60)
+        items.append((i, enc))
+    return items
+
+
+def _separate_logps(model, encoded) -> float:
+    ids = torch.tensor([encoded.input_ids])
+    logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    return sequence_logps(logits, torch.tensor([encoded.labels])).item()
+
+
+@pytest.mark.parametrize("n_way", [2, 3])
+def test_concatenated_forward_equals_separate_unpadded_forwards(tok, model, n_way):
+    items = _items(tok, with_toxic=n_way == 3)
+    batch = PreferenceCollator(pad_id=tok.pad_token_id)(items)
+    assert (batch["attention_mask"] == 0).any()  # right padding is really exercised
+    with torch.no_grad():
+        got = concatenated_forward(
+            model, batch["input_ids"], batch["attention_mask"], batch["labels"], n_way
+        )
+        fields = ["chosen", "rejected", "toxic"][:n_way]
+        for field in fields:
+            expected = torch.tensor([_separate_logps(model, enc[field]) for _, enc in items])
+            assert_close(getattr(got, field), expected, atol=1e-5, rtol=1e-5)
+    assert (got.toxic is None) == (n_way == 2)
+
+
+def test_concatenated_forward_rejects_uneven_blocks(tok, model):
+    batch = PreferenceCollator(pad_id=tok.pad_token_id)(_items(tok, with_toxic=False))
+    with pytest.raises(ValueError, match="equal blocks"):
+        concatenated_forward(model, batch["input_ids"], batch["attention_mask"], batch["labels"], 3)
+
+
+def test_encode_without_truncation(tok):
+    p = tok(PROMPT)["input_ids"]
+    r = tok(CHOSEN, add_special_tokens=False)["input_ids"]
+    enc = encode(tok, PROMPT, CHOSEN, 32, 64)
+    assert enc.input_ids == p + r + [tok.eos_token_id]  # EOS appended
+    assert enc.labels == [IGNORE] * len(p) + r + [tok.eos_token_id]  # -100 exactly on the prompt
+    assert not enc.truncated
+
+
+def test_encode_prompt_keeps_end_and_response_keeps_start(tok):
+    p = tok(PROMPT)["input_ids"]
+    r = tok(CHOSEN, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert len(p) > 4 and len(r) > 4
+    enc = encode(tok, PROMPT, CHOSEN, max_prompt_length=4, max_length=8)
+    assert enc.input_ids == p[-4:] + r[:4]  # the latest prompt tokens, the first response tokens
+    assert enc.labels == [IGNORE] * 4 + r[:4]
+    assert enc.truncated
+    assert enc.input_ids[-1] != tok.eos_token_id  # EOS only when it fits
+    # Exactly enough room: the EOS is kept and nothing counts as truncated.
+    exact = encode(tok, PROMPT, CHOSEN, max_prompt_length=len(p), max_length=len(p) + len(r))
+    assert exact.input_ids[-1] == tok.eos_token_id and not exact.truncated
+
+
+def test_toxic_control_token_is_one_token(tok):
+    toxic_id = tok.convert_tokens_to_ids(TOXIC)
+    assert tok(TOXIC, add_special_tokens=False)["input_ids"] == [toxic_id]
+    ctx = encode(tok, with_control_token(PROMPT), TOXIC_RESPONSE, 40, 64)
+    assert ctx.input_ids.count(toxic_id) == 1
+    position = ctx.input_ids.index(toxic_id)
+    assert ctx.labels[position] == IGNORE  # part of the context, never a training target
+    # The response tokens after the control token are the same as without it.
+    plain = encode(tok, PROMPT, TOXIC_RESPONSE, 40, 64)
+    assert [x for x in ctx.labels if x != IGNORE] == [x for x in plain.labels if x != IGNORE]
+
+
+def _unpadded(row: torch.Tensor, mask: torch.Tensor) -> list[int]:
+    return row[mask.bool()].tolist()
+
+
+@pytest.mark.parametrize("with_toxic", [False, True])
+def test_preference_collator_stacks_blocks(tok, with_toxic):
+    items = _items(tok, with_toxic)
+    batch = PreferenceCollator(pad_id=tok.pad_token_id)(items)
+    fields = ["chosen", "rejected"] + (["toxic"] if with_toxic else [])
+    n, length = len(items), batch["input_ids"].shape[1]
+    for key in ("input_ids", "attention_mask", "labels"):
+        assert batch[key].shape == (len(fields) * n, length)
+    for block, field in enumerate(fields):  # rows [chosen_0..n; rejected_0..n(; toxic_0..n)]
+        for i, (_, enc) in enumerate(items):
+            row = block * n + i
+            assert (
+                _unpadded(batch["input_ids"][row], batch["attention_mask"][row])
+                == enc[field].input_ids
+            )
+            size = len(enc[field].input_ids)
+            assert batch["labels"][row, :size].tolist() == enc[field].labels
+            assert (batch["labels"][row, size:] == IGNORE).all()
+            assert (batch["input_ids"][row, size:] == tok.pad_token_id).all()
+    assert batch["index"].tolist() == [0, 1]
+    ctx_keys = {f"toxic_ctx_{k}" for k in ("input_ids", "attention_mask", "labels")}
+    assert ctx_keys <= batch.keys() if with_toxic else not ctx_keys & batch.keys()
+    if with_toxic:
+        assert batch["toxic_ctx_input_ids"].shape[0] == n
+        for i, (_, enc) in enumerate(items):
+            ids = _unpadded(batch["toxic_ctx_input_ids"][i], batch["toxic_ctx_attention_mask"][i])
+            assert ids == enc["toxic_ctx"].input_ids
