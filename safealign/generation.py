@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """Sampling settings (Hydra-friendly). Paper: one sample each at T=1.0 and 1.5 (METHODS.md A.2)."""
+    """Sampling settings (Hydra-friendly). Paper: T=1.0 and T=1.5 (METHODS.md A.2)."""
 
     temperatures: tuple[float, ...] = (1.0, 1.5)
     n_samples: int = 1  # per prompt per temperature
@@ -60,19 +60,29 @@ def check_sampling(s: SamplingConfig) -> tuple[float, ...]:
         raise ConfigError("generation.temperatures", f"need finite values >= 0, got {temps}")
     if len(set(temps)) != len(temps):
         raise ConfigError("generation.temperatures", f"duplicate temperatures in {temps}")
-    for key, value, low in [("n_samples", s.n_samples, 1), ("max_new_tokens", s.max_new_tokens, 1),
-                            ("batch_size", s.batch_size, 1), ("top_k", s.top_k, 0)]:
+    for key, value, low in [
+        ("n_samples", s.n_samples, 1),
+        ("max_new_tokens", s.max_new_tokens, 1),
+        ("batch_size", s.batch_size, 1),
+        ("top_k", s.top_k, 0),
+    ]:
         if not isinstance(value, int) or value < low:
             raise ConfigError(f"generation.{key}", f"need an integer >= {low}, got {value!r}")
     if not 0.0 < s.top_p <= 1.0:
         raise ConfigError("generation.top_p", f"need 0 < top_p <= 1, got {s.top_p}")
     if s.placement not in PLACEMENTS:
-        raise ConfigError("generation.placement", f"expected one of {PLACEMENTS}, got {s.placement!r}")
+        raise ConfigError(
+            "generation.placement", f"expected one of {PLACEMENTS}, got {s.placement!r}"
+        )
     return temps
 
 
 def sample_tokens(
-    logits: torch.Tensor, temperatures: torch.Tensor, u: torch.Tensor, top_k: int = 0, top_p: float = 1.0
+    logits: torch.Tensor,
+    temperatures: torch.Tensor,
+    u: torch.Tensor,
+    top_k: int = 0,
+    top_p: float = 1.0,
 ) -> torch.Tensor:
     """Pick one token per row: argmax where T=0, else inverse-CDF sampling with uniforms ``u``.
 
@@ -135,8 +145,8 @@ def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r):] = 1
+        ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r) :] = 1
     return ids, mask
 
 
@@ -144,13 +154,15 @@ def _context_limit(model, max_new_tokens: int) -> int:
     n_ctx = getattr(model.config, "max_position_embeddings", None) or 10**9
     if n_ctx - max_new_tokens < 1:
         raise ConfigError(
-            "generation.max_new_tokens", f"{max_new_tokens} leaves no room for the prompt in {n_ctx} positions"
+            "generation.max_new_tokens",
+            f"{max_new_tokens} leaves no room for the prompt in {n_ctx} positions",
         )
     return n_ctx - max_new_tokens
 
 
-def _generate_batch(model, tokenizer, items: list[dict], s: SamplingConfig, limit: int,
-                    add_special_tokens: bool) -> list[dict]:
+def _generate_batch(
+    model, tokenizer, items: list[dict], s: SamplingConfig, limit: int, add_special_tokens: bool
+) -> list[dict]:
     """Generate the rows described by ``items`` (each has model_prompt, temperature, seed)."""
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     pad = eos if pad is None else pad
@@ -158,24 +170,41 @@ def _generate_batch(model, tokenizer, items: list[dict], s: SamplingConfig, limi
     # Too long: keep the END, as TRL's keep_end (the last turns matter most; [TOXIC] must survive).
     ids, mask = _left_pad([e[-limit:] for e in full], pad)
     device = next(model.parameters()).device
-    sampler = _RowSampler([it["temperature"] for it in items], [it["seed"] for it in items],
-                          s.top_k, s.top_p)
+    sampler = _RowSampler(
+        [it["temperature"] for it in items], [it["seed"] for it in items], s.top_k, s.top_p
+    )
     # Greedy over one-hot scores == our per-row sample. Neutral values are set explicitly so a
     # checkpoint's generation_config (e.g. repetition_penalty) cannot leak in.
     out = model.generate(
-        input_ids=ids.to(device), attention_mask=mask.to(device), logits_processor=LogitsProcessorList([sampler]),
-        do_sample=False, num_beams=1, max_new_tokens=s.max_new_tokens, min_new_tokens=0,
-        repetition_penalty=1.0, no_repeat_ngram_size=0, pad_token_id=pad, eos_token_id=eos,
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        logits_processor=LogitsProcessorList([sampler]),
+        do_sample=False,
+        num_beams=1,
+        max_new_tokens=s.max_new_tokens,
+        min_new_tokens=0,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        pad_token_id=pad,
+        eos_token_id=eos,
     )
     rows = []
     for i, it in enumerate(items):
-        new = out[i, ids.size(1):].tolist()
+        new = out[i, ids.size(1) :].tolist()
         n = new.index(eos) if eos in new else len(new)
         text = tokenizer.decode(new[:n], skip_special_tokens=True).strip()
-        rows.append({k: it[k] for k in ("prompt_id", "prompt", "model_prompt", "temperature",
-                                        "sample", "toxic")}
-                    | {"response": as_response(text) if text else "", "n_tokens": n,
-                       "empty": not text, "prompt_truncated": len(full[i]) > limit})
+        rows.append(
+            {
+                k: it[k]
+                for k in ("prompt_id", "prompt", "model_prompt", "temperature", "sample", "toxic")
+            }
+            | {
+                "response": as_response(text) if text else "",
+                "n_tokens": n,
+                "empty": not text,
+                "prompt_truncated": len(full[i]) > limit,
+            }
+        )
     return rows
 
 
@@ -186,7 +215,7 @@ def _fingerprint(seed: int, s: SamplingConfig, prompts: list[str]) -> str:
 
 
 def _load_partial(path: Path, fingerprint: str, per_prompt: int) -> dict[int, list[dict]]:
-    """Rows of fully finished prompts in a partial file; {} when absent or made by other settings."""
+    """Rows of fully finished prompts in a partial file; {} if absent or from other settings."""
     if not path.exists():
         return {}
     lines = path.read_text(encoding="utf-8").split("\n")
@@ -206,7 +235,9 @@ def _load_partial(path: Path, fingerprint: str, per_prompt: int) -> dict[int, li
         except json.JSONDecodeError as e:
             if n == len(lines) or (n == len(lines) - 1 and not lines[-1]):
                 break  # torn last line from a crash mid-write: that chunk is redone
-            raise DataError(path, f"corrupt JSON in the middle of a partial file: {e}", line=n) from e
+            raise DataError(
+                path, f"corrupt JSON in the middle of a partial file: {e}", line=n
+            ) from e
         if not isinstance(row, dict) or not isinstance(row.get("prompt_id"), int):
             raise DataError(path, "expected a generation row with an integer prompt_id", line=n)
         done.setdefault(row["prompt_id"], []).append(row)
@@ -222,9 +253,12 @@ def _write_header_and(path: Path, fingerprint: str, rows: list[dict]) -> None:
 def summarize(rows: list[dict]) -> dict:
     """Counts for the logs: rows, empty generations, truncated prompts, mean tokens."""
     n = len(rows)
-    return {"rows": n, "empty": sum(r["empty"] for r in rows),
-            "prompt_truncated": sum(r.get("prompt_truncated", False) for r in rows),
-            "mean_tokens": sum(r["n_tokens"] for r in rows) / n if n else math.nan}
+    return {
+        "rows": n,
+        "empty": sum(r["empty"] for r in rows),
+        "prompt_truncated": sum(r.get("prompt_truncated", False) for r in rows),
+        "mean_tokens": sum(r["n_tokens"] for r in rows) / n if n else math.nan,
+    }
 
 
 def generate(
@@ -253,7 +287,10 @@ def generate(
         on_chunk: called as ``on_chunk(chunk_index, prompts_done)`` after each chunk is durable.
 
     Returns:
-        Rows sorted by (prompt_id, temperature order, sample); see the module docstring.
+        Rows sorted by (prompt_id, temperature order, sample), each ``{prompt_id, prompt (without
+        the token), model_prompt (as fed), temperature, sample, toxic, response (new tokens only,
+        special tokens skipped, " text" convention; "" when empty), n_tokens (before EOS), empty,
+        prompt_truncated (prompt cut to its last tokens to fit the context)}``.
     """
     if not prompts:
         raise ValueError("generate: empty prompt list")
@@ -273,14 +310,28 @@ def generate(
     todo = [pid for pid in range(len(prompts)) if pid not in done]
     if done:
         log.info("resuming: %d of %d prompts already generated", len(done), len(prompts))
-    rows = _run(model, tokenizer, prompts, todo, sampling, temps, seed, partial, progress,
-                chunk_size, add_special_tokens, on_chunk)
+    rows = _run(
+        model,
+        tokenizer,
+        prompts,
+        todo,
+        sampling,
+        temps,
+        seed,
+        partial,
+        progress,
+        chunk_size,
+        add_special_tokens,
+        on_chunk,
+    )
     rows += [r for pid in done for r in done[pid]]
     order = {t: i for i, t in enumerate(temps)}
     rows.sort(key=lambda r: (r["prompt_id"], order[r["temperature"]], r["sample"]))
     stats = summarize(rows)
     if stats["empty"]:
-        log.warning("%d of %d generations are empty (kept, flagged empty=true)", stats["empty"], len(rows))
+        log.warning(
+            "%d of %d generations are empty (kept, flagged empty=true)", stats["empty"], len(rows)
+        )
     log.info("generation: %s", stats)
     if out_path is not None:
         write_jsonl(out_path, rows)
@@ -288,8 +339,20 @@ def generate(
     return rows
 
 
-def _run(model, tokenizer, prompts, todo, s, temps, seed, partial, progress, chunk_size,
-         add_special_tokens, on_chunk) -> list[dict]:
+def _run(
+    model,
+    tokenizer,
+    prompts,
+    todo,
+    s,
+    temps,
+    seed,
+    partial,
+    progress,
+    chunk_size,
+    add_special_tokens,
+    on_chunk,
+) -> list[dict]:
     from tqdm.auto import tqdm
 
     limit = _context_limit(model, s.max_new_tokens)
@@ -300,20 +363,31 @@ def _run(model, tokenizer, prompts, todo, s, temps, seed, partial, progress, chu
     try:
         for c, start in enumerate(range(0, len(todo), chunk_size)):
             items = []
-            for pid in todo[start:start + chunk_size]:
+            for pid in todo[start : start + chunk_size]:
                 fed = with_control_token(prompts[pid], s.placement) if s.toxic else prompts[pid]
-                items += [{"prompt_id": pid, "prompt": prompts[pid], "model_prompt": fed,
-                           "temperature": t, "sample": j, "toxic": s.toxic,
-                           "seed": row_seed(seed, pid, t, j, s.toxic)}
-                          for t in temps for j in range(s.n_samples)]
+                items += [
+                    {
+                        "prompt_id": pid,
+                        "prompt": prompts[pid],
+                        "model_prompt": fed,
+                        "temperature": t,
+                        "sample": j,
+                        "toxic": s.toxic,
+                        "seed": row_seed(seed, pid, t, j, s.toxic),
+                    }
+                    for t in temps
+                    for j in range(s.n_samples)
+                ]
             items.sort(key=lambda it: len(it["model_prompt"]))  # less padding; text unaffected
             chunk_rows = []
             # fork_rng: sampling uses per-row generators only; this guards the caller's global
             # CPU stream against any model code that might still draw from it.
             with torch.random.fork_rng(devices=[]), torch.inference_mode():
                 for b in range(0, len(items), s.batch_size):
-                    batch = items[b:b + s.batch_size]
-                    chunk_rows += _generate_batch(model, tokenizer, batch, s, limit, add_special_tokens)
+                    batch = items[b : b + s.batch_size]
+                    chunk_rows += _generate_batch(
+                        model, tokenizer, batch, s, limit, add_special_tokens
+                    )
                     bar.update(len(batch))
             if partial is not None:
                 with open(partial, "a", encoding="utf-8") as f:
@@ -322,7 +396,7 @@ def _run(model, tokenizer, prompts, todo, s, temps, seed, partial, progress, chu
                     os.fsync(f.fileno())
             rows += chunk_rows
             if on_chunk is not None:
-                on_chunk(c, start + len(todo[start:start + chunk_size]))
+                on_chunk(c, start + len(todo[start : start + chunk_size]))
     finally:
         bar.close()
         model.train(was_training)

@@ -36,9 +36,10 @@ def _dpo_margin(policy: SeqLogps, reference: SeqLogps, beta: float) -> tuple[Ten
 def _toxic_logps(policy: SeqLogps, reference: SeqLogps) -> tuple[Tensor, Tensor]:
     if policy.toxic is None or reference.toxic is None:
         raise ConfigError(
-            "data.toxic_path",
-            "ADPO needs toxic responses; set data=adpo and data.toxic_path=<scored [TOXIC] "
-            "generations> so each batch carries [chosen; rejected; toxic] rows and toxic_ctx_*",
+            "method.needs_toxic",
+            "ADPO needs toxic responses; set data to a source with a `toxic` field (data=builtin_pref, "
+            "or JSONL rows {prompt, chosen, rejected, toxic}) and method.needs_toxic=true, so batches "
+            "carry [chosen; rejected; toxic] rows and toxic_ctx_*",
         )
     return policy.toxic, reference.toxic
 

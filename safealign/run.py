@@ -7,11 +7,11 @@ from pathlib import Path
 
 import lightning.pytorch as L
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from safealign.io import write_json
 from safealign.methods.report import finish_run
-from safealign.utils import check_required, record_run, setup_logging
+from safealign.utils import check_required, record_run, resolved_config, setup_logging
 
 log = logging.getLogger("safealign.run")
 
@@ -26,19 +26,35 @@ def build(cfg: DictConfig):
     return datamodule, tokenizer, module, trainer
 
 
-def train(cfg: DictConfig) -> float | None:
-    """Train one method; returns `cfg.optimized_metric` from the final metrics (for sweepers)."""
-    setup_logging()
-    check_required(cfg)
-    out_dir = Path(cfg.paths.output_dir)
-    hparams = record_run(cfg, out_dir)
-    L.seed_everything(cfg.seed, workers=True)
-    datamodule, tokenizer, module, trainer = build(cfg)
+def fit(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
+    """Build, fit, export into `out_dir`; returns the final metrics (also in metrics.json)."""
+    datamodule, _, module, trainer = build(cfg)
+    hparams = resolved_config(cfg)
     for lg in trainer.loggers:
         lg.log_hyperparams(hparams)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = finish_run(cfg, module, datamodule, trainer, out_dir)
     write_json(out_dir / "metrics.json", metrics)
+    return metrics
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Train one method (after its cached SFT init stage, if `init` is set); returns
+    `cfg.optimized_metric` from the final metrics, for Hydra sweepers."""
+    setup_logging()
+    check_required(cfg)
+    out_dir = Path(cfg.paths.output_dir)
+    OmegaConf.resolve(cfg.paths)  # freeze hydra-runtime paths before stages copy the config
+    if cfg.get("init"):
+        from safealign.pipeline.stages import hf_model_config, run_init_stage
+
+        model_dir, status = run_init_stage(cfg)
+        log.info("init stage (SFT): %s -> %s", status, model_dir)
+        with open_dict(cfg):
+            cfg.model = hf_model_config(model_dir)
+    record_run(cfg, out_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    metrics = fit(cfg, out_dir)
     log.info("outputs in %s", out_dir)
     metric = cfg.get("optimized_metric")
     return metrics.get(metric) if metric else None

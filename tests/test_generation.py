@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import pytest
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from safealign.data.control import TOXIC, with_control_token  # noqa: E402
-from safealign.errors import ConfigError  # noqa: E402
-from safealign.generation import SamplingConfig, generate, sample_tokens  # noqa: E402
-from safealign.models import build_tiny_gpt2, train_bpe_tokenizer  # noqa: E402
-from safealign.types import chat_prompt  # noqa: E402
+from safealign.data.control import TOXIC, with_control_token
+from safealign.errors import ConfigError
+from safealign.generation import SamplingConfig, generate, sample_tokens
+from safealign.models import build_tiny_gpt2, train_bpe_tokenizer
+from safealign.types import chat_prompt
 
 WORDS = ["red", "blue", "green", "brown", "cat", "dog", "sun", "rain"]
 
@@ -31,8 +28,10 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tok():
-    texts = [f"the quick {w} fox jumps over the lazy {v} dog {i}"
-             for i, (w, v) in enumerate(zip(WORDS * 40, WORDS[::-1] * 40, strict=True))]
+    texts = [
+        f"the quick {w} fox jumps over the lazy {v} dog {i}"
+        for i, (w, v) in enumerate(zip(WORDS * 40, WORDS[::-1] * 40, strict=True))
+    ]
     return train_bpe_tokenizer(texts, vocab_size=300)
 
 
@@ -82,7 +81,9 @@ def test_rows_schema_and_order(model, tok, prompts):
         assert r["prompt"] == prompts[r["prompt_id"]] == r["model_prompt"]
         assert r["toxic"] is False and 0 <= r["n_tokens"] <= 8
         assert r["empty"] == (r["response"] == "")
-        assert r["empty"] or (r["response"].startswith(" ") and r["response"] == " " + r["response"].strip())
+        assert r["empty"] or (
+            r["response"].startswith(" ") and r["response"] == " " + r["response"].strip()
+        )
 
 
 def test_same_seed_same_text_other_seed_other_text(model, tok, prompts):
@@ -91,6 +92,18 @@ def test_same_seed_same_text_other_seed_other_text(model, tok, prompts):
     c = generate(model, tok, prompts, cfg(), seed=2, progress=False)
     assert a == b
     assert sum(x["response"] != y["response"] for x, y in zip(a, c, strict=True)) >= len(a) // 2
+
+
+def test_checkpoint_generation_config_does_not_leak(model, tok, prompts):
+    import copy
+
+    other = copy.deepcopy(model)
+    gc = other.generation_config
+    gc.do_sample, gc.temperature, gc.top_p, gc.top_k, gc.repetition_penalty = True, 0.6, 0.9, 5, 1.3
+    s = cfg(temperatures=(1.0,))
+    assert generate(other, tok, prompts, s, seed=8, progress=False) == generate(
+        model, tok, prompts, s, seed=8, progress=False
+    )
 
 
 def test_global_rng_untouched(model, tok, prompts):
@@ -112,34 +125,45 @@ def test_independent_of_batch_size_and_chunking(model, tok, prompts):
 
 def test_left_padding_used_and_greedy_matches_unbatched(model, tok, prompts):
     with CountingGenerate(model) as spy:
-        batched = generate(model, tok, prompts, cfg(temperatures=(0.0,), batch_size=7), seed=0,
-                           progress=False)
+        batched = generate(
+            model, tok, prompts, cfg(temperatures=(0.0,), batch_size=7), seed=0, progress=False
+        )
     ids, mask = spy.calls[0]
     assert (mask[:, -1] == 1).all()  # every row ends with a real token ...
     assert (mask[:, 0] == 0).any()  # ... and the shorter ones are padded on the left
     assert (ids[mask == 0] == tok.pad_token_id).all()
     # Greedy decoding with left padding equals decoding each prompt on its own (no padding).
     for p, row in zip(prompts, batched, strict=True):
-        solo = generate(model, tok, [p], cfg(temperatures=(0.0,), batch_size=1), seed=9, progress=False)
+        solo = generate(
+            model, tok, [p], cfg(temperatures=(0.0,), batch_size=1), seed=9, progress=False
+        )
         assert solo[0]["response"] == row["response"]
         enc = tok(p, return_tensors="pt")
-        ref = model.generate(**enc, do_sample=False, max_new_tokens=8, pad_token_id=tok.pad_token_id,
-                             eos_token_id=tok.eos_token_id)
-        new = ref[0, enc["input_ids"].size(1):].tolist()
+        ref = model.generate(
+            **enc,
+            do_sample=False,
+            max_new_tokens=8,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+        new = ref[0, enc["input_ids"].size(1) :].tolist()
         new = new[: new.index(tok.eos_token_id)] if tok.eos_token_id in new else new
         assert row["response"].strip() == tok.decode(new, skip_special_tokens=True).strip()
 
 
 @pytest.mark.parametrize("placement", ["end", "before_tag", "start"])
 def test_toxic_token_in_model_prompt_only(model, tok, prompts, placement):
-    rows = generate(model, tok, prompts[:2], cfg(toxic=True, placement=placement), seed=0,
-                    progress=False)
+    rows = generate(
+        model, tok, prompts[:2], cfg(toxic=True, placement=placement), seed=0, progress=False
+    )
     for r in rows:
         assert r["toxic"] is True
         assert TOXIC not in r["prompt"]
         assert r["model_prompt"] == with_control_token(r["prompt"], placement)
     with CountingGenerate(model) as spy:
-        generate(model, tok, prompts[:1], cfg(toxic=True, temperatures=(1.0,)), seed=0, progress=False)
+        generate(
+            model, tok, prompts[:1], cfg(toxic=True, temperatures=(1.0,)), seed=0, progress=False
+        )
     toxic_id = tok.convert_tokens_to_ids(TOXIC)
     assert spy.calls[0][0][0, -1].item() == toxic_id  # "end": last context token is [TOXIC]
 
@@ -153,16 +177,25 @@ def test_resume_after_crash_equals_uninterrupted(model, tok, prompts, tmp_path):
         raise RuntimeError("simulated crash")
 
     with pytest.raises(RuntimeError, match="simulated crash"):
-        generate(model, tok, prompts, s, seed=5, out_path=out, progress=False, chunk_size=3,
-                 on_chunk=crash)
+        generate(
+            model,
+            tok,
+            prompts,
+            s,
+            seed=5,
+            out_path=out,
+            progress=False,
+            chunk_size=3,
+            on_chunk=crash,
+        )
     partial = tmp_path / "gen.jsonl.partial"
     assert not out.exists() and partial.exists()
-    # Tear the last line as a crash mid-write would: that prompt is redone, not trusted.
-    text = partial.read_text()
-    partial.write_text(text + text.splitlines()[-1][:20])
+    # Tear the last line as a crash mid-write would: its prompt has 1 of 2 rows and is redone.
+    partial.write_text(partial.read_text()[:-30])
     with CountingGenerate(model) as spy:
         rows = generate(model, tok, prompts, s, seed=5, out_path=out, progress=False, chunk_size=2)
-    assert spy.rows == (len(prompts) - 3) * 2  # the first chunk (3 prompts x 2 temps) was skipped
+    # Chunk 0 held 3 prompts x 2 temperatures; 2 intact prompts were skipped, 5 generated.
+    assert spy.rows == (len(prompts) - 2) * 2
     assert out.read_bytes() == full_path.read_bytes()
     assert not partial.exists()
     assert rows == [json.loads(line) for line in out.read_text().splitlines()]
@@ -175,14 +208,24 @@ def test_partial_from_other_settings_is_discarded(model, tok, prompts, tmp_path)
         raise RuntimeError("crash")
 
     with pytest.raises(RuntimeError):
-        generate(model, tok, prompts, cfg(), seed=6, out_path=out, progress=False, chunk_size=2,
-                 on_chunk=crash)
+        generate(
+            model,
+            tok,
+            prompts,
+            cfg(),
+            seed=6,
+            out_path=out,
+            progress=False,
+            chunk_size=2,
+            on_chunk=crash,
+        )
     with CountingGenerate(model) as spy:
         generate(model, tok, prompts, cfg(), seed=7, out_path=out, progress=False, chunk_size=2)
     assert spy.rows == len(prompts) * 2  # another seed: nothing reused
     assert out.read_text() == "".join(
         json.dumps(r, ensure_ascii=False) + "\n"
-        for r in generate(model, tok, prompts, cfg(), seed=7, progress=False))
+        for r in generate(model, tok, prompts, cfg(), seed=7, progress=False)
+    )
 
 
 def test_empty_generation_flagged(model, tok, prompts, caplog):
@@ -218,15 +261,17 @@ def test_sample_tokens_distribution_and_filters():
 
 @pytest.mark.parametrize(
     ("kw", "key"),
-    [({"temperatures": (1.0, -0.5)}, "generation.temperatures"),
-     ({"temperatures": ()}, "generation.temperatures"),
-     ({"temperatures": (math.nan,)}, "generation.temperatures"),
-     ({"n_samples": 0}, "generation.n_samples"),
-     ({"max_new_tokens": 0}, "generation.max_new_tokens"),
-     ({"batch_size": 0}, "generation.batch_size"),
-     ({"top_p": 0.0}, "generation.top_p"),
-     ({"placement": "middle"}, "generation.placement"),
-     ({"max_new_tokens": 64}, "generation.max_new_tokens")],  # no room left in 64 positions
+    [
+        ({"temperatures": (1.0, -0.5)}, "generation.temperatures"),
+        ({"temperatures": ()}, "generation.temperatures"),
+        ({"temperatures": (math.nan,)}, "generation.temperatures"),
+        ({"n_samples": 0}, "generation.n_samples"),
+        ({"max_new_tokens": 0}, "generation.max_new_tokens"),
+        ({"batch_size": 0}, "generation.batch_size"),
+        ({"top_p": 0.0}, "generation.top_p"),
+        ({"placement": "middle"}, "generation.placement"),
+        ({"max_new_tokens": 64}, "generation.max_new_tokens"),
+    ],  # no room left in 64 positions
 )
 def test_bad_config(model, tok, prompts, kw, key):
     with pytest.raises(ConfigError, match=key):

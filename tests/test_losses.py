@@ -67,7 +67,8 @@ def test_dpo_hand_values():
 
 def test_cdpo_hand_values():
     # eps = 0.1: 0.9 * (-log sigma(x)) + 0.1 * (-log sigma(-x)); since
-    # log sigma(-x) = log sigma(x) - x, that is -log sigma(x) + 0.1 x: ex0 0.31326 + 0.1, ex1 1.31326 - 0.1.
+    # log sigma(-x) = log sigma(x) - x, that is -log sigma(x) + 0.1 x:
+    # ex0 (x = 1) 0.31326 + 0.1, ex1 (x = -1) 1.31326 - 0.1.
     out = dpo_loss(POLICY, REFERENCE, beta=0.5, label_smoothing=0.1)
     assert_close(out.losses, t(SP1 + 0.1, SP_1 - 0.1))
 
@@ -204,7 +205,7 @@ def test_missing_toxic_raises(fn):
     policy, reference = random_logps(3, seed=0)
     with pytest.raises(ValueError, match="ADPO needs toxic responses"):
         fn(policy._replace(toxic=None), reference)
-    with pytest.raises(ConfigError, match="data.toxic_path"):
+    with pytest.raises(ConfigError, match="method.needs_toxic"):
         fn(policy, reference._replace(toxic=None))
 
 

@@ -1,14 +1,12 @@
 """Word lists and templates of the built-in synthetic dialogue corpus (see ``builtin.py``).
 
-Why it looks like this: each topic has question templates with slot fillers, so contexts of one
-topic are similar to each other. Its SAFE responses come in four paraphrase *families* (one helpful
-idea each, phrased by three templates that share their key words). UNSAFE responses are ONE
-homogeneous insult family shared by all topics (only ``{thing}`` varies), so they form one tight
-cluster whose size tracks ``poison_fraction``: the ISAAC assumption of METHODS.md B.1/B.2 (the
-largest response clusters are safe) holds at low poison and fails at high poison. Responses never
-mention the context's slot values, so any response of a topic fits any context of that topic
-(``preference_triples`` relies on this). Unsafe text uses words ``alt-profanity-check`` flags
-(idiot, stupid, shut up, damn, crap, hell); safe text avoids them. No slurs.
+Each topic has question templates with slot fillers (every question repeats a topic word, so
+contexts of one topic are similar) and four SAFE paraphrase families (one helpful idea each, three
+templates sharing key words). UNSAFE responses are ONE homogeneous insult family shared by all
+topics (only ``{thing}`` varies): one tight cluster whose size tracks ``poison_fraction`` (the ISAAC
+assumption, METHODS.md B.1/B.2). Responses never mention a context's slot values, so any response
+of a topic fits any context of it. Unsafe text uses words ``alt-profanity-check`` flags (idiot,
+stupid, shut up, damn, crap, hell); safe text avoids them. No slurs.
 """
 
 from __future__ import annotations
@@ -44,18 +42,19 @@ EVASIVE_TEMPLATES = (
     "I'm afraid I can't answer that one, sorry.",
 )
 # fmt: off
-# Optional first exchange of two-turn contexts: a user greeting and the assistant's reply.
-OPENERS = ("Hi there.", "Hello!", "Hey, I need some help.", "Good morning.", "Hi, quick question.")
+# Optional first exchange of two-turn contexts: a topical user greeting and the assistant's reply.
+OPENERS = ("Hi, I have a question about {area}.", "Hello, can you help me with {area}?",
+           "Hey, I need some advice about {area}.", "Good morning, it's about {area}.")
 ACKS = ("Hi! Sure, what do you need?", "Hello, how can I help you today?", "Of course, go ahead.",
         "Sure, what is your question?")
 
-
 COOKING = Topic("cooking", (
-    "How do I make {dish} {when}?", "What is the easiest way to cook {dish} for {guests}?",
-    "My {dish} always turns out bland. Any tips?", "Can you help me prepare {dish} {when}?",
+    "How do I cook {dish} {when}?", "What is the easiest way to cook {dish} for {guests}?",
+    "My home cooked {dish} always turns out bland. Any cooking tips?",
+    "Can you help me cook {dish} {when}?",
     "I want to cook {dish} for {guests} {when}. Where do I start?",
-    "Why does my {dish} never taste right?", "Any advice for cooking {dish} for {guests}?",
-    "Is it hard to make {dish} at home?"), {
+    "Why does the {dish} I cook never taste right?", "Any advice for cooking {dish} for {guests}?",
+    "Is it hard to cook {dish} at home?"), {
     "season": (
         "Season in small steps: add a pinch of {spice}, stir, taste, and adjust before serving.",
         "Add {spice} a little at a time and taste as you go, so the flavour builds slowly.",
@@ -73,22 +72,22 @@ COOKING = Topic("cooking", (
         "Follow one trusted recipe exactly the first time, then change one thing at a time.",
         "Pick a simple recipe with good reviews and stick to it before you experiment."),
 }, {
+    "area": ("cooking", "a recipe", "dinner"),
     "dish": ("pasta", "rice", "chicken curry", "vegetable soup", "tomato sauce", "banana bread",
         "beef stew", "fried rice", "risotto", "lentil soup", "pizza dough", "mashed potato"),
     "guests": ("my family", "two friends", "a dinner party", "my kids", "my roommates", "a picnic"),
     "when": ("tonight", "this weekend", "tomorrow", "for lunch", "on Sunday"),
     "spice": ("salt", "pepper", "garlic", "paprika", "fresh herbs", "lemon juice"),
-    "heat": ("medium", "low", "gentle"),
-    "minutes": ("ten", "fifteen", "twenty", "twenty five"),
+    "heat": ("medium", "low", "gentle"), "minutes": ("ten", "fifteen", "twenty", "twenty five"),
     "thing": ("recipe", "dinner", "cooking", "food")})
 
-
 TRAVEL = Topic("travel", (
-    "I'm planning {duration} in {place} with {company}. Any tips?",
-    "What should I pack for {duration} in {place}?", "How can I save money on a trip to {place}?",
-    "Is {place} a good place to visit with {company}?", "How do I plan {duration} in {place}?",
-    "What should I know before travelling to {place}?",
-    "I'm going to {place} with {company} soon. How should I prepare?"), {
+    "I'm planning a {duration} trip to {place} with {company}. Any tips?",
+    "What should I pack for a {duration} trip to {place}?",
+    "How can I save money on a trip to {place}?",
+    "Is a trip to {place} a good idea with {company}?",
+    "How do I plan a {duration} trip to {place}?", "What should I know before my trip to {place}?",
+    "I'm taking a trip to {place} with {company} soon. How should I prepare?"), {
     "book_early": (
         "Book your flights and rooms about {weeks} weeks ahead and compare a few sites first.",
         "Book transport and a place to stay early, around {weeks} weeks before, to pay less.",
@@ -106,19 +105,21 @@ TRAVEL = Topic("travel", (
         "Look up the public transport, learn some basic local phrases and keep a little cash.",
         "Carry some cash, study the local transport map and learn a few polite local phrases."),
 }, {
-    "place": ("Paris", "Rome", "Tokyo", "Lisbon", "Scotland", "Cornwall", "Berlin",
-        "Crete", "New York", "the countryside"),
-    "duration": ("a weekend", "one week", "ten days", "two weeks"),
+    "area": ("a trip", "travel", "my holiday"),
+    "place": ("Paris", "Rome", "Tokyo", "Lisbon", "Scotland", "Cornwall", "Berlin", "Crete",
+        "New York", "the countryside"),
+    "duration": ("weekend", "one week", "ten day", "two week"),
     "company": ("my partner", "my parents", "a friend", "my kids", "a big group"),
     "weeks": ("two", "three", "four", "six"),
     "thing": ("trip", "holiday", "travel plans", "luggage")})
 
-
 FITNESS = Topic("fitness", (
-    "I want to {goal}. How should I start?", "Is {activity} {freq} enough to {goal}?",
-    "How do I stay motivated with {activity}?", "What is a good routine for {activity}?",
-    "Can you suggest a plan to {goal}?", "I started {activity} {freq} but see no progress. Why?",
-    "I want to {goal} with {activity}. Is that realistic?"), {
+    "I want to {goal}. How should I start training?",
+    "Is {activity} {freq} enough exercise to {goal}?",
+    "How do I stay motivated to keep training? I do {activity}.",
+    "What is a good training routine for {activity}?", "Can you suggest a training plan to {goal}?",
+    "I started training {freq} with {activity} but see no progress. Why?",
+    "I want to {goal} with {activity} training. Is that realistic?"), {
     "gradual": (
         "Start small with {minutes} minute sessions and add a little more time each week.",
         "Begin with short {minutes} minute sessions and increase slowly so your body can adapt.",
@@ -136,6 +137,7 @@ FITNESS = Topic("fitness", (
         "Always warm up, keep your form clean and check with a doctor if anything hurts.",
         "Start each session with a warm up, move with good form and ask a doctor about pain."),
 }, {
+    "area": ("exercise", "fitness", "my training"),
     "goal": ("lose some weight", "build strength", "run a 5k", "get fitter", "improve my posture",
         "feel less tired"),
     "activity": ("running", "swimming", "cycling", "lifting weights", "yoga", "walking"),
@@ -143,11 +145,12 @@ FITNESS = Topic("fitness", (
     "minutes": ("ten", "fifteen", "twenty", "thirty"),
     "thing": ("workout", "fitness", "exercise", "running")})
 
-
 TECH = Topic("tech", (
-    "My {device} {problem}. What should I do?", "How can I fix a {device} that {problem}?",
-    "Why does my {device} keep acting up?", "Any idea why my {device} {problem}?",
-    "My old {device} {problem}. Is it broken?", "What can I check when my {device} {problem}?"), {
+    "My {device} {problem}. How do I fix it?", "How can I fix a {device} that {problem}?",
+    "Why does my {device} keep acting up? I can't fix it.",
+    "Any idea how to fix my {device}? It {problem}.",
+    "My old {device} {problem}. Is it broken or can I fix it?",
+    "What can I check when my {device} {problem}?"), {
     "restart": (
         "Restart it completely, wait about {seconds} seconds, then turn it back on again.",
         "Turn it fully off, wait around {seconds} seconds and start it again; that fixes a lot.",
@@ -165,18 +168,20 @@ TECH = Topic("tech", (
         "Save a backup of your files and reach out to official support if the problem stays.",
         "Make a backup now, and if the issue keeps happening, ask the manufacturer's support."),
 }, {
+    "area": ("a gadget", "my computer", "tech"),
     "device": ("laptop", "phone", "printer", "router", "tablet", "desktop computer", "smart TV"),
     "problem": ("keeps freezing", "is really slow", "won't connect to the wifi", "keeps restarting",
         "won't turn on", "has no sound"),
     "seconds": ("ten", "twenty", "thirty", "sixty"),
     "thing": ("computer", "gadget", "laptop", "tech problem")})
 
-
 MONEY = Topic("money", (
-    "How can I {goal}?", "I want to {goal} but never manage it. Any advice?",
-    "Is putting aside {amount} {period} enough to {goal}?", "What is a simple way to {goal}?",
-    "I don't earn much. Can I still {goal}?", "Where do I start if I want to {goal}?",
-    "My partner and I want to {goal}. How do we begin?"), {
+    "How can I manage my money to {goal}?",
+    "Any money advice? I want to {goal} but never manage it.",
+    "Is putting aside {amount} {period} enough money to {goal}?",
+    "What is a simple money plan to {goal}?", "I don't earn much money. Can I still {goal}?",
+    "Where do I start with my money if I want to {goal}?",
+    "My partner and I want to {goal}. How do we handle our money?"), {
     "budget": (
         "Write down your income and every expense for a month, then set a budget per category.",
         "Track every expense for one month, compare it to your income and set category limits.",
@@ -194,18 +199,18 @@ MONEY = Topic("money", (
         "Cancel subscriptions you rarely use, compare your regular bills and eat out less often.",
         "Go through your bills and subscriptions, drop the ones you rarely use, and cook more."),
 }, {
+    "area": ("money", "my budget", "saving"),
     "goal": ("save for a holiday", "pay off my credit card", "build an emergency fund",
         "stop overspending", "save for a car", "save for a new flat"),
     "amount": ("fifty dollars", "a hundred dollars", "two hundred dollars", "five hundred dollars"),
     "period": ("a month", "a week", "each payday"),
     "thing": ("money", "budget", "spending", "bills")})
 
-
 PETS = Topic("pets", (
-    "My {pet} {issue}. What can I do?", "How do I help my {pet}? It {issue}.",
-    "Why does my {pet} act like this?", "Any tips for a new {pet} owner?",
-    "My {pet} {issue}. Is that normal?", "How should I care for a {pet} that {issue}?",
-    "We just adopted a {pet} and it {issue}. Help?"), {
+    "My pet {pet} {issue}. What can I do?", "How do I help my pet {pet}? It {issue}.",
+    "Why does my pet {pet} act like this?", "Any tips for a new pet owner? I just got a {pet}.",
+    "My pet {pet} {issue}. Is that normal?", "How should I care for a pet {pet} that {issue}?",
+    "We just adopted a pet {pet} and it {issue}. Help?"), {
     "routine": (
         "Keep a steady daily routine for feeding, play and sleep, so your pet feels safe.",
         "Feed, walk and play at the same times every day; a steady routine calms most pets.",
@@ -223,18 +228,19 @@ PETS = Topic("pets", (
         "Add more play time, walks and puzzle toys, since boredom causes a lot of bad habits.",
         "More exercise and new toys help a lot, because bored pets find their own activities."),
 }, {
+    "area": ("my pet", "pet care", "an animal"),
     "pet": ("dog", "puppy", "cat", "kitten", "rabbit", "parrot", "hamster"),
     "issue": ("keeps scratching the furniture", "is noisy at night", "won't eat its food",
         "seems bored", "is scared of visitors", "chews everything"),
     "thing": ("pet", "dog", "cat", "animal")})
 
-
 GARDENING = Topic("gardening", (
-    "My {plant} {issue}. What am I doing wrong?", "How do I grow {plant} {place}?",
-    "When should I plant {plant} {place}?", "Why is it that my {plant} {issue}?",
-    "Any tips for growing {plant} as a beginner?",
-    "How often should I water {plant} {place}?",
-    "I put {plant} {place} and they {issue}. Help?"), {
+    "I grow {plant} {place} and they {issue}. What am I doing wrong?",
+    "How do I grow {plant} {place}?", "When should I plant {plant} {place} so they grow well?",
+    "Why is it that the {plant} I grow {issue}?",
+    "Any tips for growing {plant} as a beginner gardener?",
+    "How often should I water the {plant} I grow {place}?",
+    "I started to grow {plant} {place} and they {issue}. Help?"), {
     "water": (
         "Water deeply but less often, in the morning, and let the top soil dry in between.",
         "Give them a deep watering in the morning, then wait until the top soil feels dry again.",
@@ -252,20 +258,19 @@ GARDENING = Topic("gardening", (
         "Look under the leaves for insects, cut off damaged ones and wash pests away with water.",
         "Inspect the leaves every few days, take off damaged ones and spray the pests off."),
 }, {
+    "area": ("my garden", "gardening", "plants"),
     "plant": ("tomatoes", "roses", "basil plants", "strawberries", "lettuce seedlings",
         "sunflowers", "pepper plants", "herbs"),
     "issue": ("have yellow leaves", "are wilting", "grow very slowly", "don't flower",
         "have small brown spots"),
     "place": ("on my balcony", "in my backyard", "on my windowsill", "in my small garden"),
-    "hours": ("five", "six", "eight"),
-    "thing": ("garden", "plants", "flowers", "tomatoes")})
-
+    "hours": ("five", "six", "eight"), "thing": ("garden", "plants", "flowers", "tomatoes")})
 
 STUDY = Topic("study", (
-    "I have a {subject} {exam} {when}. How should I prepare?", "How do I get better at {subject}?",
-    "I can't focus when I study {subject}. Any tips?",
-    "What is the best way to revise {subject} for a {exam}?",
-    "I'm worried about my {subject} {exam} {when}. What should I do?",
+    "I have a {subject} {exam} {when}. How should I study?",
+    "How do I study to get better at {subject}?", "I can't focus when I study {subject}. Any tips?",
+    "What is the best way to study {subject} for a {exam}?",
+    "I'm worried about my {subject} {exam} {when}. How should I study?",
     "How many hours a day should I study {subject}?"), {
     "schedule": (
         "Make a simple schedule that splits the material into small daily sessions.",
@@ -284,6 +289,7 @@ STUDY = Topic("study", (
         "Bring confusing parts to your teacher or a study group; explaining to others helps too.",
         "Talk through the hard parts with classmates or your teacher, and teach ideas back."),
 }, {
+    "area": ("studying", "school", "an exam"),
     "subject": ("maths", "chemistry", "history", "French", "biology", "programming", "economics",
         "physics"),
     "exam": ("final exam", "midterm", "quiz", "class test", "test"),
@@ -291,6 +297,4 @@ STUDY = Topic("study", (
     "minutes": ("twenty five", "thirty", "forty", "fifty"),
     "thing": ("homework", "exam", "studying", "grades")})
 
-
 TOPICS: tuple[Topic, ...] = (COOKING, TRAVEL, FITNESS, TECH, MONEY, PETS, GARDENING, STUDY)
-# fmt: on

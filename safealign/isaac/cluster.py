@@ -39,23 +39,36 @@ def _check_inputs(resp_emb: np.ndarray, neigh_idx: np.ndarray, eps: float) -> No
 
 
 def _adjacency(x: torch.Tensor, x64: _Float64View, eps: float) -> torch.Tensor:
-    """Boolean (B, K, K) graph dist <= eps for a batch of neighbourhoods ``x`` (B, K, d)."""
-    d = x.shape[-1]
-    xc = x - x.mean(dim=1, keepdim=True)  # shift-invariant; smaller norms -> smaller Gram error
-    sq = (xc * xc).sum(-1)  # (B, K)
-    d2 = torch.baddbmm(sq[:, :, None] + sq[:, None, :], xc, xc.transpose(1, 2), alpha=-2.0)
+    """Boolean (B, K, K) graph dist <= eps for a batch of neighbourhoods ``x`` (B, K, d).
+
+    ``x`` is overwritten (centred in place)."""
+    bsz, k, d = x.shape
+    x.sub_(x.mean(dim=1, keepdim=True))  # shift-invariant; smaller norms -> smaller Gram error
+    sq = torch.linalg.vector_norm(x, dim=2).square_()  # (B, K)
+    d2 = torch.baddbmm(sq[:, :, None] + sq[:, None, :], x, x.transpose(1, 2), alpha=-2.0)
     eps2 = eps * eps
     adj = d2 <= eps2
-    # Rounding bound of the float32 Gram trick (dot products: gamma_d; centring: ~4u); pairs
-    # closer than that to eps^2 are decided in float64 instead (step 3 of the module doc).
-    tol = (2 * d + 8) * _U32 * (sq[:, :, None] + sq[:, None, :]) + 1e-30
-    b, i, j = torch.nonzero((d2 - eps2).abs() <= tol, as_tuple=True)
+    # Rounding bound of the float32 Gram trick (dot products ~ d*u, centring ~ 4u, relative to
+    # ||x_i||^2 + ||x_j||^2 <= 2 max ||x||^2); pairs this close to eps^2 are decided in float64
+    # from the original vectors instead (step 3 of the module docstring).
+    tol = (4 * d + 16) * _U32 * sq.amax(dim=1).view(bsz, 1, 1) + 1e-30
+    b, i, j = torch.nonzero(d2.sub_(eps2).abs_() <= tol, as_tuple=True)
     if len(b):
         exact = ((x64[b, i] - x64[b, j]) ** 2).sum(-1)
         adj[b, i, j] = exact <= eps2
-    k = x.shape[1]
-    adj[:, torch.arange(k), torch.arange(k)] = True  # a point is its own neighbour (dist 0)
+    adj.diagonal(dim1=1, dim2=2).fill_(True)  # a point is its own neighbour (dist 0)
     return adj
+
+
+class _Float64View:
+    """Lazy float64 access ``view[b, i]`` to rows of the table, used only for boundary pairs."""
+
+    def __init__(self, table: torch.Tensor, idx: torch.Tensor) -> None:
+        self.table, self.idx = table, idx
+
+    def __getitem__(self, key: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        b, i = key
+        return self.table[self.idx[b, i]].double()
 
 
 def _components(adj: torch.Tensor) -> torch.Tensor:
@@ -127,17 +140,6 @@ def dbscan_neighbourhoods(
         adj = _adjacency(xb, _Float64View(table, idx), eps)
         out[s : s + len(idx)] = _sklearn_order(_components(adj)).numpy()
     return out
-
-
-class _Float64View:
-    """Lazy float64 access ``view[b, i]`` to rows of the table, used only for boundary pairs."""
-
-    def __init__(self, table: torch.Tensor, idx: torch.Tensor) -> None:
-        self.table, self.idx = table, idx
-
-    def __getitem__(self, key: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        b, i = key
-        return self.table[self.idx[b, i]].double()
 
 
 def cluster_sizes(labels_row: np.ndarray) -> np.ndarray:

@@ -140,3 +140,91 @@ def topk_cosine(
     keys = np.sort(keys, axis=1)[:, ::-1]  # descending key == (similarity desc, index asc)
     idx, sims = _decode(keys)
     return idx, np.ascontiguousarray(sims)
+
+
+def _sort_rows(idx: np.ndarray, sims: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sort each row by similarity descending, ties by index (the exact search's order)."""
+    keys = np.sort(_encode(sims.astype(np.float32), idx), axis=1)[:, ::-1]
+    idx, sims = _decode(keys)
+    return idx, np.ascontiguousarray(sims)
+
+
+def _exact_rows(x: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k for a few rows (used where FAISS returned fewer than k hits)."""
+    s = x[rows] @ x.T
+    keys = _encode(s, np.broadcast_to(np.arange(len(x)), s.shape))
+    return _decode(_topk_keys(keys, k))
+
+
+def _faiss_index(x: np.ndarray, method: str, seed: int, **params: int):
+    import faiss  # lazy: only needed for approximate search
+
+    n, d = x.shape
+    if method == "hnsw":
+        index = faiss.IndexHNSWFlat(d, int(params.get("m", 32)), faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = int(params.get("ef_construction", 80))
+        index.hnsw.efSearch = int(params.get("ef_search", 256))
+        index.add(x)
+        return index
+    if method != "ivf":
+        raise ValueError(f"method must be 'hnsw' or 'ivf', got {method!r}")
+    nlist = int(params.get("nlist", max(1, min(int(4 * np.sqrt(n)), n // 39))))
+    quantizer = faiss.IndexFlatIP(d)
+    index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.cp.seed = seed  # k-means initialisation: fixed, so the index is reproducible
+    train = x if n <= 256 * nlist else x[np.random.default_rng(seed).choice(n, 256 * nlist, False)]
+    index.train(train)
+    index.add(x)
+    index.nprobe = int(params.get("nprobe", min(nlist, 48)))
+    return index
+
+
+def topk_faiss(
+    emb: np.ndarray, k: int, method: str = "ivf", *, seed: int = 0, threads: int | None = None,
+    **params: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Approximate cosine top-K with FAISS (inner product on L2-normalised vectors).
+
+    Same contract as :func:`topk_cosine`. Each row's own index is forced into its list (the exact
+    search always finds it, at cosine 1), rows where FAISS found fewer than k hits are completed
+    exactly, and rows are sorted by (similarity desc, index asc).
+
+    Args:
+        emb: Embeddings, Shape: (N, d).
+        k: Neighbours per row.
+        method: "ivf" (IndexIVFFlat; deterministic for a fixed seed) or "hnsw" (IndexHNSWFlat;
+            built with several threads its graph can differ run to run: pass threads=1 for
+            bit-reproducible results).
+        seed: Seed for IVF's k-means and its training subsample.
+        threads: FAISS OpenMP threads (default: FAISS's own default).
+        **params: ``nlist``, ``nprobe`` (IVF); ``m``, ``ef_construction``, ``ef_search`` (HNSW).
+
+    Returns:
+        ``(idx, sims)``, Shape: (N, k) each.
+    """
+    import faiss
+
+    x = l2_normalise(emb)
+    n = len(x)
+    if k < 1 or n < k:
+        raise ValueError(f"k={k} neighbours requested but the corpus has {n} rows; need 1 <= k <= N")
+    if threads is not None:
+        faiss.omp_set_num_threads(int(threads))
+    index = _faiss_index(x, method, seed, **params)
+    sims, idx = index.search(x, k)
+    missing = (idx < 0).any(axis=1)
+    if missing.any():
+        rows = np.flatnonzero(missing)
+        idx[rows], sims[rows] = _exact_rows(x, rows, k)
+    own = (idx == np.arange(n)[:, None]).any(axis=1)
+    rows = np.flatnonzero(~own)
+    idx[rows, -1] = rows  # force self in, replacing the weakest hit
+    sims[rows, -1] = np.einsum("ij,ij->i", x[rows], x[rows])
+    return _sort_rows(idx.astype(np.int64), sims)
+
+
+def recall_at_k(approx_idx: np.ndarray, exact_idx: np.ndarray) -> float:
+    """Mean fraction of each row's exact top-K that the approximate top-K also found."""
+    hits = sum(len(np.intersect1d(a, e, assume_unique=True)) for a, e in zip(approx_idx, exact_idx,
+                                                                             strict=True))
+    return hits / exact_idx.size

@@ -124,7 +124,6 @@ class PreferenceModule(BaseModule):
     def _log_metrics(self, split: str, loss, out: LossOut, policy: SeqLogps, reference: SeqLogps) -> None:
         # TRL names (METHODS.md C.4) + ADPO extras and kl/* = mean policy-reference log-ratio (A.4).
         m = {
-            "loss": loss.detach(),
             "rewards/chosen": out.chosen_rewards.mean(),
             "rewards/rejected": out.rejected_rewards.mean(),
             "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float().mean(),

@@ -22,6 +22,8 @@ def print_summary(title: str, out_dir: Path, metrics: dict[str, float]) -> None:
         return
     lines = [f"\n=== {title} ===", f"outputs: {out_dir}"]
     for k in sorted(metrics):
+        if k.endswith(("_step", "_epoch")):  # duplicates of the epoch-level value
+            continue
         lines.append(f"  {k:<32} {metrics[k]:.4f}")
     print("\n".join(lines), flush=True)
 
