@@ -10,9 +10,23 @@ from omegaconf import DictConfig
 from safealign.errors import SafealignError
 
 
+def user_error(exc: BaseException) -> SafealignError | None:
+    """The SafealignError behind `exc`, if any (Hydra's instantiate wraps what targets raise)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, SafealignError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def run_task(fn: Callable[[DictConfig], object], cfg: DictConfig):
     try:
         return fn(cfg)
-    except SafealignError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+    except Exception as e:
+        err = user_error(e)
+        if err is None:
+            raise
+        print(f"error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None

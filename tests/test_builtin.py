@@ -209,7 +209,7 @@ def test_unsafe_responses_form_their_own_tight_group():
         unsafe, safe = labels[idx] == UNSAFE, labels[idx] == SAFE
         uu = np.nanmean(sims[np.ix_(unsafe, unsafe)])
         us = np.nanmean(sims[np.ix_(unsafe, safe)])
-        assert uu > 0.2 and uu > 5 * us, (topic, uu, us)
+        assert uu > 0.5 and uu > 10 * us, (topic, uu, us)
         nearest = np.nanargmax(sims[unsafe], axis=1)  # each unsafe response's nearest neighbour
         assert np.mean(labels[idx][nearest] == UNSAFE) >= 0.9
 

@@ -91,13 +91,14 @@ def _rowblock_topk(
     """Exact top-k keys of one row block against all rows of ``x``, column block by column block."""
     r = len(xr)
     state = np.full((r, k), _MIN_KEY, dtype=np.int64)
-    c0, c1 = blocks[0]
-    s = np.matmul(xr, x[c0:c1].T, out=_view(sbuf, r, c1 - c0))  # cosine block (r, c)
-    top = torch.topk(torch.from_numpy(s), k, dim=1, sorted=False)
-    state = _encode(top.values.numpy(), top.indices.numpy() + c0)
-    for c0, c1 in blocks[1:]:
-        thr = _decode(state.min(axis=1))[1]  # each row's current k-th best similarity
-        s = np.matmul(xr, x[c0:c1].T, out=_view(sbuf, r, c1 - c0))
+    for c0, c1 in blocks:
+        s = np.matmul(xr, x[c0:c1].T, out=_view(sbuf, r, c1 - c0))  # cosine block (r, c)
+        if c0 == 0:  # the first block has >= k columns: its k-th best value bounds the top-k
+            thr = torch.topk(torch.from_numpy(s), k, dim=1, sorted=False).values.amin(dim=1)
+            thr = thr.numpy()
+        else:
+            thr = _decode(state.min(axis=1))[1]  # each row's current k-th best similarity
+        # ">=" keeps every tie at the threshold; the key merge then prefers smaller indices
         mask = np.greater_equal(s, thr[:, None], out=_view(mbuf, r, c1 - c0))
         flat = np.flatnonzero(mask)
         if len(flat):

@@ -45,6 +45,10 @@ class BaseModule(L.LightningModule):
         if self.model is None:
             self.model = self.model_factory(self.tokenizer)
 
+    def on_fit_start(self) -> None:
+        # from_pretrained returns eval mode; Lightning keeps module modes as found.
+        self.model.train()
+
     def configure_optimizers(self):
         opt = self.optimizer_factory(p for p in self.parameters() if p.requires_grad)
         if self.scheduler_factory is None:

@@ -85,6 +85,7 @@ class PreferenceModule(BaseModule):
         return cache
 
     def on_fit_start(self) -> None:
+        super().on_fit_start()
         if self.reference is not None:  # not a submodule, so the strategy does not move it
             self.reference[0].to(self.device)
 

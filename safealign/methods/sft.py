@@ -44,7 +44,7 @@ class SFTModule(BaseModule):
 
     def summarize(self, datamodule, out_dir) -> dict[str, float]:
         """Control-token shift on held-out labelled dialogues (ADPO A.1), when there are labels."""
-        held_out = datamodule.corpus.val or datamodule.corpus.test
+        held_out = datamodule.corpus.val + datamodule.corpus.test
         if not held_out or not isinstance(held_out[0], DialogueExample):
             return {}
         return control_token_shift(

@@ -370,7 +370,10 @@ class LLMJudge:
     A = one normal sample, B = the other (the first two non-empty normals by temperature, sample);
     their order is swapped for a seeded half of the prompts, so a judge's position bias cannot
     favour one temperature. C = the first non-empty ``[TOXIC]`` sample. Raw replies and parsed
-    verdicts are kept in ``self.records`` (METHODS.md A.2: log the judge outputs).
+    verdicts are kept in ``self.records`` (METHODS.md A.2: log the judge outputs). Reasons that
+    need no judge (single_normal, empty_generation, identical_pair, no_toxic_sample) are decided
+    first and those prompts are never sent; then invalid_judge_output, no_safe_normal (NONE),
+    toxic_not_toxic.
     """
 
     def __init__(

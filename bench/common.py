@@ -1,0 +1,124 @@
+"""Benchmark plumbing: step clocks, peak RSS, one subprocess per row, markdown tables.
+
+Each benchmark row runs in its OWN process (the script re-invokes itself with ``--row NAME``), so
+the peak RSS of one configuration never includes another's allocations or imports. The child
+prints exactly one line ``BENCH_ROW {json}`` on stdout; everything else it prints is ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROW_MARKER = "BENCH_ROW "
+_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def child_env(threads: int) -> dict[str, str]:
+    """Environment for a row process: fixed thread count, offline, no progress bars or W&B."""
+    env = dict(os.environ)
+    env.update({v: str(threads) for v in _THREAD_VARS})
+    env.update(
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        WANDB_MODE="disabled",
+        TOKENIZERS_PARALLELISM="false",
+        TQDM_DISABLE="1",
+        PYTHONWARNINGS="ignore",
+    )
+    return env
+
+
+def peak_rss_mb() -> float:
+    """High-water resident set size of THIS process (Linux reports ru_maxrss in KiB)."""
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib / 1024 if sys.platform != "darwin" else kib / 2**20
+
+
+def current_rss_mb() -> float:
+    """Resident set size now, from /proc (0.0 where /proc is absent)."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+    except OSError:
+        return 0.0
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@dataclass
+class StepClock:
+    """Wall-clock marks at the END of every optimizer step, with the work done in that step.
+
+    Step k's time is mark[k] - mark[k-1]: data loading, forward, backward, optimizer and every
+    hook in between are all inside it, for every framework alike. The first ``warmup`` steps are
+    left out, so the timed window starts at the end of the last warm-up step.
+    """
+
+    marks: list[float] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    pairs: list[int] = field(default_factory=list)
+
+    def mark(self, tokens: int, pairs: int) -> None:
+        self.marks.append(time.perf_counter())
+        self.tokens.append(int(tokens))
+        self.pairs.append(int(pairs))
+
+    def summary(self, warmup: int) -> dict[str, float]:
+        if warmup < 1 or len(self.marks) <= warmup:
+            raise ValueError(f"need warmup >= 1 and more than {warmup} steps, got {len(self.marks)}")
+        seconds = self.marks[-1] - self.marks[warmup - 1]
+        steps = [b - a for a, b in zip(self.marks[warmup - 1 : -1], self.marks[warmup:], strict=True)]
+        pairs, tokens = sum(self.pairs[warmup:]), sum(self.tokens[warmup:])
+        return {
+            "timed_steps": len(steps),
+            "seconds": seconds,
+            "pairs": pairs,
+            "tokens": tokens,
+            "pairs_per_s": pairs / seconds,
+            "tokens_per_s": tokens / seconds,
+            "step_ms_mean": 1000 * seconds / len(steps),
+            "step_ms_median": 1000 * sorted(steps)[len(steps) // 2],
+            "step_ms_min": 1000 * min(steps),
+        }
+
+
+def emit_row(result: dict) -> None:
+    """Child side: hand the row's result to the parent (one marked JSON line on stdout)."""
+    print(ROW_MARKER + json.dumps(result), flush=True)
+
+
+def run_row(script: Path, row: str, extra: list[str], threads: int, timeout: float) -> dict:
+    """Parent side: run ``script --row row *extra`` in a fresh interpreter; its result dict."""
+    cmd = [sys.executable, str(script), "--row", row, *extra]
+    proc = subprocess.run(
+        cmd, env=child_env(threads), capture_output=True, text=True, timeout=timeout, check=False
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(ROW_MARKER)]
+    if proc.returncode != 0 or len(lines) != 1:
+        tail = "\n".join(proc.stderr.splitlines()[-30:])
+        raise RuntimeError(f"row {row!r} failed (exit {proc.returncode}):\n{tail}")
+    return json.loads(lines[0][len(ROW_MARKER) :])
+
+
+def load_average() -> tuple[float, float, float] | None:
+    try:
+        return os.getloadavg()
+    except OSError:
+        return None
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    rule = "|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|"
+    return "\n".join([line(header), rule, *(line(r) for r in rows)])
