@@ -36,6 +36,7 @@ class DataModule(L.LightningDataModule):
     source: a Corpus, or a zero-argument callable returning one (a Hydra `_partial_` loader).
     toxic_control: SFT only: dialogues labelled unsafe get `[TOXIC]` in the context (ADPO A.1).
     control_placement: where `[TOXIC]` goes (see safealign.data.control.PLACEMENTS).
+    val_fraction: when the source has no validation split, hold out this seeded fraction of train.
     """
 
     def __init__(
@@ -49,6 +50,7 @@ class DataModule(L.LightningDataModule):
         control_placement: str = "end",
         num_workers: int = 0,
         seed: int = 0,
+        val_fraction: float = 0.0,
     ) -> None:
         super().__init__()
         check_lengths(max_prompt_length, max_length)
@@ -58,6 +60,8 @@ class DataModule(L.LightningDataModule):
         self.corpus = source() if callable(source) else source
         if not self.corpus.train:
             raise ConfigError("data.source", f"corpus {self.corpus.name!r} has no training records")
+        if not self.corpus.val and val_fraction > 0:
+            self._split_off_val(val_fraction, seed)
         for reason, n in sorted(self.corpus.dropped.items()):
             log.info("data: dropped %d rows (%s) from %s", n, reason, self.corpus.name)
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
@@ -66,6 +70,16 @@ class DataModule(L.LightningDataModule):
         self.num_workers, self.seed = num_workers, seed
         self.encoded: dict[str, list] = {}
         self.stats: Counter = Counter()
+
+    def _split_off_val(self, fraction: float, seed: int) -> None:
+        """Single-split sources (e.g. one HH file): a seeded, reproducible held-out slice."""
+        if not 0 < fraction < 1:
+            raise ConfigError("data.val_fraction", f"must be in (0, 1), got {fraction}")
+        order = torch.randperm(len(self.corpus.train), generator=torch.Generator().manual_seed(seed))
+        n_val = max(1, int(round(fraction * len(order))))
+        train = self.corpus.train
+        self.corpus.val = [train[i] for i in order[:n_val].tolist()]
+        self.corpus.train = [train[i] for i in sorted(order[n_val:].tolist())]
 
     @property
     def record_type(self) -> type:

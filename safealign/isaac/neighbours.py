@@ -17,6 +17,12 @@ similarity, then by the smaller index.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 
@@ -107,8 +113,31 @@ def _rowblock_topk(
     return state
 
 
+def _workers(workers: int | None) -> int:
+    if workers is not None:
+        return max(1, int(workers))
+    return max(1, min(2, len(os.sched_getaffinity(0))))
+
+
+@contextlib.contextmanager
+def _single_threaded_kernels(active: bool) -> Iterator[None]:
+    """One BLAS/torch thread per worker while workers run in parallel (restored afterwards)."""
+    if not active:
+        yield
+        return
+    from threadpoolctl import threadpool_limits
+
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(limits=1, user_api="blas"):
+            yield
+    finally:
+        torch.set_num_threads(torch_threads)
+
+
 def topk_cosine(
-    emb: np.ndarray, k: int, chunk_rows: int | None = None
+    emb: np.ndarray, k: int, chunk_rows: int | None = None, workers: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact cosine top-K neighbours of every row among all rows, itself included (B.2 step 3).
 
@@ -116,6 +145,9 @@ def topk_cosine(
         emb: Embeddings, Shape: (N, d); L2-normalised here (cosine = inner product).
         k: Neighbours per row, 1 <= k <= N.
         chunk_rows: Rows per block (default: as many as keep one block <= ~256 MB).
+        workers: Row blocks processed in parallel, each with single-threaded BLAS, so the
+            selection work runs in parallel too (default: min(2, CPUs)). Results do not depend
+            on it.
 
     Returns:
         ``(idx, sims)``: idx Shape: (N, k) int64, sims Shape: (N, k) float32, each row sorted by
@@ -133,11 +165,25 @@ def topk_cosine(
     max_cols = min(n, 16384)
     rows = min(n, chunk_rows or max(1, _BLOCK_BYTES // (4 * max_cols)))
     blocks = _column_blocks(n, k, max_cols)
-    sbuf = np.empty(rows * max_cols, dtype=np.float32)
-    mbuf = np.empty(rows * max_cols, dtype=bool)
+    starts = list(range(0, n, rows))
+    workers = min(_workers(workers), len(starts))
     keys = np.empty((n, k), dtype=np.int64)
-    for r0 in range(0, n, rows):
-        keys[r0 : r0 + rows] = _rowblock_topk(x[r0 : r0 + rows], x, k, blocks, sbuf, mbuf)
+    local = threading.local()
+
+    def run(r0: int) -> None:
+        if not hasattr(local, "sbuf"):  # per-thread block buffers, reused across row blocks
+            local.sbuf = np.empty(rows * max_cols, dtype=np.float32)
+            local.mbuf = np.empty(rows * max_cols, dtype=bool)
+        xr = x[r0 : r0 + rows]
+        keys[r0 : r0 + rows] = _rowblock_topk(xr, x, k, blocks, local.sbuf, local.mbuf)
+
+    with _single_threaded_kernels(workers > 1):
+        if workers > 1:
+            with ThreadPoolExecutor(workers) as pool:
+                list(pool.map(run, starts))
+        else:
+            for r0 in starts:
+                run(r0)
     keys = np.sort(keys, axis=1)[:, ::-1]  # descending key == (similarity desc, index asc)
     idx, sims = _decode(keys)
     return idx, np.ascontiguousarray(sims)

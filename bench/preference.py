@@ -1,0 +1,356 @@
+"""safealign DPO/ADPO vs TRL DPOTrainer: training throughput and peak memory (issue 3).
+
+Run: .venv/bin/python bench/preference.py [--steps 30] [--warmup 3] [--repeats 1] [--smoke]
+
+Every row trains the same config-built GPT-2 on the same built-in preference triples with the
+same batch size, max length, fp32, AdamW (lr, no weight decay, constant), grad clip 1.0, torch
+threads and number of optimizer steps, each row in its own process (peak RSS is per row).
+safealign runs through the real PreferenceModule and a Lightning Trainer, TRL through
+DPOTrainer.train; both are timed by a callback at the end of every optimizer step, so data
+loading, hooks and logging are inside the step time. The first ``--warmup`` steps are excluded.
+Precomputed-reference rows report training throughput WITHOUT the one-time precompute, and the
+precompute time in its own column. Results also go to bench/results/preference.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import hashlib
+import json
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+from common import (
+    StepClock,
+    current_rss_mb,
+    emit_row,
+    load_average,
+    markdown_table,
+    peak_rss_mb,
+    run_row,
+)
+
+HERE = Path(__file__).resolve()
+DEFAULT_OUT = HERE.parent / "results" / "preference.json"
+# name -> (framework, method, reference precomputed?)
+ROWS: dict[str, tuple[str, str, bool]] = {
+    "safealign DPO": ("safealign", "dpo", True),
+    "safealign DPO otf": ("safealign", "dpo", False),
+    "safealign ADPO": ("safealign", "adpo", True),
+    "safealign ADPO otf": ("safealign", "adpo", False),
+    "TRL DPO": ("trl", "dpo", True),
+    "TRL DPO otf": ("trl", "dpo", False),
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    vocab_size: int = 2048
+    batch_size: int = 8  # preference pairs per optimizer step
+    max_prompt_length: int = 64
+    max_length: int = 128  # longer than every built-in row: nothing is truncated on either side
+    steps: int = 30
+    warmup: int = 3
+    lr: float = 5e-5
+    threads: int = 2
+    data_size: int = 2000
+    seed: int = 0
+    dpo_beta: float = 0.9  # conf/method/dpo.yaml
+    adpo_beta: float = 0.3  # conf/method/adpo.yaml
+    adpo_gamma: float = 0.2
+
+
+SMOKE = {"n_layer": 1, "n_head": 2, "n_embd": 32, "vocab_size": 512, "batch_size": 2,
+         "steps": 2, "warmup": 1, "data_size": 300}  # fmt: skip
+
+
+# ---------------------------------------------------------------- shared setup (child side)
+def setup(cfg: Config, needs_toxic: bool):
+    """The row's training examples, DataModule (encoded) and tokenizer: identical for all rows."""
+    import torch
+
+    from safealign.data.builtin import builtin_preferences
+    from safealign.data.datamodule import DataModule
+    from safealign.models import train_bpe_tokenizer
+    from safealign.types import Corpus, PreferenceExample
+
+    torch.set_num_threads(cfg.threads)
+    n = cfg.batch_size * (cfg.warmup + cfg.steps)  # exactly one epoch: every row sees every pair once
+    corpus = builtin_preferences(size=cfg.data_size, seed=cfg.seed)
+    if len(corpus.train) < n:
+        raise ValueError(f"--data-size {cfg.data_size} gives {len(corpus.train)} pairs, need {n}")
+    # Train split only: both frameworks precompute the reference over the same n pairs.
+    data = Corpus(train=corpus.train[:n], val=[], test=[], name="builtin-bench")
+    dm = DataModule(data, batch_size=cfg.batch_size, max_prompt_length=cfg.max_prompt_length,
+                    max_length=cfg.max_length, seed=cfg.seed)  # fmt: skip
+    tok = train_bpe_tokenizer(dm.texts(), vocab_size=cfg.vocab_size, cache_dir=None)
+    dm.attach(tok, PreferenceExample, needs_toxic)
+    if dm.stats["truncated"]:
+        raise ValueError(f"{dm.stats['truncated']} rows truncated: raise --max-length")
+    return data.train, dm, tok
+
+
+def model_factory(cfg: Config):
+    from safealign.models import build_tiny_gpt2
+
+    return partial(build_tiny_gpt2, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                   n_positions=cfg.max_length, dropout=0.0, seed=cfg.seed)  # fmt: skip
+
+
+def vocab_hash(tok) -> str:
+    return hashlib.sha256(json.dumps(sorted(tok.get_vocab().items())).encode()).hexdigest()[:12]
+
+
+def timed(sink: dict, fn):
+    """Call ``fn`` and add its wall time to ``sink['precompute_s']``."""
+    start = time.perf_counter()
+    out = fn()
+    sink["precompute_s"] = sink.get("precompute_s", 0.0) + time.perf_counter() - start
+    return out
+
+
+# ---------------------------------------------------------------- safealign row
+def run_safealign(cfg: Config, method: str, precompute: bool) -> dict:
+    import lightning.pytorch as L
+    import torch
+
+    from safealign.losses import adpo_loss, dpo_loss
+    from safealign.methods.preference import PreferenceModule
+
+    sink: dict = {}
+
+    class Timed(PreferenceModule):
+        def _load_or_compute_reference(self):
+            return timed(sink, super()._load_or_compute_reference)
+
+    class Clock(L.Callback):
+        def __init__(self) -> None:
+            self.clock = StepClock()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            # policy tokens: every row of the concatenated [chosen; rejected(; toxic)] forward
+            self.clock.mark(batch["attention_mask"].sum().item(), batch["index"].numel())
+
+    needs_toxic = method == "adpo"
+    _, dm, tok = setup(cfg, needs_toxic)
+    if needs_toxic:
+        loss = partial(adpo_loss, beta=cfg.adpo_beta, gamma=cfg.adpo_gamma)
+    else:
+        loss = partial(dpo_loss, beta=cfg.dpo_beta)
+    with tempfile.TemporaryDirectory() as tmp:
+        module = Timed(model_factory(cfg), tok, partial(torch.optim.AdamW, lr=cfg.lr, weight_decay=0.0),
+                       loss, needs_toxic=needs_toxic, precompute_reference=precompute,
+                       cache_dir=f"{tmp}/reflogps")  # fmt: skip
+        clock = Clock()
+        trainer = L.Trainer(
+            accelerator="cpu", devices=1, precision="32-true", max_steps=cfg.warmup + cfg.steps,
+            gradient_clip_val=1.0, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+            num_sanity_val_steps=0, callbacks=[clock], default_root_dir=tmp,
+        )  # fmt: skip
+        rss_start = current_rss_mb()
+        trainer.fit(module, datamodule=dm)
+    params = sum(p.numel() for p in module.model.parameters())
+    return finish(cfg, clock.clock, sink, rss_start, params, tok)
+
+
+# ---------------------------------------------------------------- TRL row
+def run_trl(cfg: Config, precompute: bool) -> dict:
+    import datasets
+    import trl
+    from transformers import TrainerCallback
+
+    sink: dict = {}
+
+    class Timed(trl.DPOTrainer):
+        def _precompute_ref_logps(self, *args, **kwargs):
+            return timed(sink, lambda: super(Timed, self)._precompute_ref_logps(*args, **kwargs))
+
+    class Clock(TrainerCallback):
+        def __init__(self) -> None:
+            self.clock, self.trainer, self.seen = StepClock(), None, 0
+
+        def on_step_end(self, args, state, control, **kwargs) -> None:
+            # TRL adds the policy batch's attention_mask.sum() to _total_train_tokens every step.
+            total = self.trainer._total_train_tokens
+            self.clock.mark(total - self.seen, args.per_device_train_batch_size)
+            self.seen = total
+
+    examples, _, tok = setup(cfg, needs_toxic=False)
+    rows = [{"prompt": e.prompt, "chosen": e.chosen, "rejected": e.rejected} for e in examples]
+    model = model_factory(cfg)(tok)
+    clock = Clock()
+    with tempfile.TemporaryDirectory() as tmp:
+        args = trl.DPOConfig(
+            output_dir=tmp, beta=cfg.dpo_beta, loss_type=["sigmoid"],
+            per_device_train_batch_size=cfg.batch_size, max_length=cfg.max_length,
+            learning_rate=cfg.lr, weight_decay=0.0, lr_scheduler_type="constant", warmup_steps=0,
+            max_grad_norm=1.0, optim="adamw_torch", max_steps=cfg.warmup + cfg.steps,
+            precompute_ref_log_probs=precompute, gradient_checkpointing=False, bf16=False,
+            fp16=False, use_cpu=True, report_to=[], save_strategy="no", eval_strategy="no",
+            disable_tqdm=True, dataloader_pin_memory=False, seed=cfg.seed,
+        )  # fmt: skip
+        rss_start = current_rss_mb()
+        # ref_model=None with precompute: TRL scores the reference with the policy's initial
+        # weights and keeps ONE model, like safealign; otherwise a frozen copy (ENV.md).
+        trainer = Timed(
+            model=model, ref_model=None if precompute else copy.deepcopy(model), args=args,
+            train_dataset=datasets.Dataset.from_list(rows), processing_class=tok, callbacks=[clock],
+        )  # fmt: skip
+        clock.trainer = trainer
+        trainer.train()
+    params = sum(p.numel() for p in model.parameters())
+    return finish(cfg, clock.clock, sink, rss_start, params, tok)
+
+
+def finish(cfg: Config, clock: StepClock, sink: dict, rss_start: float, params: int, tok) -> dict:
+    import torch
+
+    if len(clock.marks) != cfg.warmup + cfg.steps:
+        raise RuntimeError(f"ran {len(clock.marks)} steps, expected {cfg.warmup + cfg.steps}")
+    return {
+        **clock.summary(cfg.warmup),
+        "precompute_s": sink.get("precompute_s"),
+        "epoch_tokens": sum(clock.tokens),  # all steps: the same data => the same count
+        "rss_start_mb": rss_start,
+        "peak_rss_mb": peak_rss_mb(),
+        "params": params,
+        "vocab": len(tok),
+        "vocab_hash": vocab_hash(tok),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def child(row: str, cfg: Config) -> None:
+    framework, method, precompute = ROWS[row]
+    if framework == "trl":
+        result = run_trl(cfg, precompute)
+    else:
+        result = run_safealign(cfg, method, precompute)
+    emit_row({"row": row, "framework": framework, "method": method, "precomputed": precompute,
+              **result})  # fmt: skip
+
+
+# ---------------------------------------------------------------- parent: compare and report
+def compare(best: dict[str, dict]) -> dict[str, dict]:
+    """Ratios: safealign vs the TRL row in the same reference mode; ADPO step vs DPO step."""
+    out: dict[str, dict] = {}
+    for name, r in best.items():
+        trl_row = best[f"TRL DPO{'' if r['precomputed'] else ' otf'}"]
+        dpo_row = best[f"safealign DPO{'' if r['precomputed'] else ' otf'}"]
+        ratios = {}
+        if r["framework"] == "safealign":
+            ratios["pairs_per_s_vs_trl"] = r["pairs_per_s"] / trl_row["pairs_per_s"]
+            ratios["tokens_per_s_vs_trl"] = r["tokens_per_s"] / trl_row["tokens_per_s"]
+            ratios["peak_rss_vs_trl"] = r["peak_rss_mb"] / trl_row["peak_rss_mb"]
+        if r["method"] == "adpo":
+            ratios["step_vs_dpo"] = r["step_ms_mean"] / dpo_row["step_ms_mean"]
+        out[name] = ratios
+    return out
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def table(best: dict[str, dict], ratios: dict[str, dict]) -> str:
+    header = ["row", "pairs/s", "tokens/s", "step ms", "precompute s", "RSS start MB",
+              "peak RSS MB", "pairs/s ×TRL", "peak RSS ×TRL", "step ×DPO"]  # fmt: skip
+    rows = []
+    for name, r in best.items():
+        q = ratios[name]
+        rows.append([name, _fmt(r["pairs_per_s"], ".2f"), _fmt(r["tokens_per_s"], ",.0f"),
+                     _fmt(r["step_ms_mean"], ".0f"), _fmt(r["precompute_s"], ".2f"),
+                     _fmt(r["rss_start_mb"], ",.0f"), _fmt(r["peak_rss_mb"], ",.0f"),
+                     _fmt(q.get("pairs_per_s_vs_trl"), ".2f"), _fmt(q.get("peak_rss_vs_trl"), ".2f"),
+                     _fmt(q.get("step_vs_dpo"), ".2f")])  # fmt: skip
+    return markdown_table(header, rows)
+
+
+def aims(ratios: dict[str, dict]) -> list[str]:
+    lines = []
+    for name, want, key, better in [
+        ("safealign DPO", 1.3, "pairs_per_s_vs_trl", "≥"), ("safealign DPO otf", 1.3, "pairs_per_s_vs_trl", "≥"),
+        ("safealign DPO", 1.0, "peak_rss_vs_trl", "≤"), ("safealign DPO otf", 1.0, "peak_rss_vs_trl", "≤"),
+        ("safealign ADPO", 1.6, "step_vs_dpo", "≤"), ("safealign ADPO otf", 1.6, "step_vs_dpo", "≤"),
+    ]:  # fmt: skip
+        got = ratios[name][key]
+        ok = got >= want if better == "≥" else got <= want
+        lines.append(f"{'MET ' if ok else 'MISS'} {name}: {key} = {got:.2f} (aim {better} {want})")
+    return lines
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Config]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--row", choices=list(ROWS), help="internal: run one row in this process")
+    p.add_argument("--config", help="internal: the parent's Config as JSON")
+    p.add_argument("--smoke", action="store_true", help="tiny model, 2 steps: checks the plumbing")
+    p.add_argument("--repeats", type=int, default=1, help="runs per row (interleaved); best kept")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds per row process")
+    for f in dataclasses.fields(Config):
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None)
+    args = p.parse_args(argv)
+    if args.config:
+        return args, Config(**json.loads(args.config))
+    values = SMOKE.copy() if args.smoke else {}
+    values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
+                   if getattr(args, f.name) is not None})  # fmt: skip
+    return args, Config(**values)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from safealign.io import write_json
+
+    args, cfg = parse_args(argv)
+    if args.row:
+        return child(args.row, cfg)
+    load_before, runs = load_average(), {name: [] for name in ROWS}
+    extra = ["--config", json.dumps(dataclasses.asdict(cfg))]
+    for rep in range(args.repeats):
+        for name in ROWS:
+            runs[name].append(run_row(HERE, name, extra, cfg.threads, args.timeout))
+            r = runs[name][-1]
+            print(f"[{rep + 1}/{args.repeats}] {name}: {r['pairs_per_s']:.2f} pairs/s, "
+                  f"peak {r['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)  # fmt: skip
+    # best = the least disturbed run (other processes share the CPU); memory: the worst run
+    best = {n: {**max(rs, key=lambda r: r["pairs_per_s"]),
+                "peak_rss_mb": max(r["peak_rss_mb"] for r in rs)} for n, rs in runs.items()}  # fmt: skip
+    check_same_work(best)
+    ratios = compare(best)
+    first = best["safealign DPO"]
+    print(f"GPT-2 {cfg.n_layer}L/{cfg.n_embd}d/{cfg.n_head}h, {first['params']:,} parameters, vocab "
+          f"{first['vocab']}; {cfg.batch_size} pairs/step, max_length {cfg.max_length}, fp32, "
+          f"AdamW lr {cfg.lr}, {cfg.threads} threads, {cfg.steps} timed steps after {cfg.warmup} "
+          f"warm-up, best of {args.repeats}; load average {load_before} -> {load_average()}")  # fmt: skip
+    print("otf = reference model on the fly; otherwise reference log-probs precomputed once "
+          "(throughput excludes the precompute, shown in its own column)\n")
+    print(table(best, ratios))
+    print("\n" + "\n".join(aims(ratios)))
+    write_json(args.out, {"config": dataclasses.asdict(cfg), "repeats": args.repeats,
+                          "load_average": [load_before, load_average()], "rows": best,
+                          "ratios": ratios, "runs": runs})  # fmt: skip
+    print(f"\nwrote {args.out}")
+
+
+def check_same_work(best: dict[str, dict]) -> None:
+    """Every row must train the same model on the same tokens, or the ratios mean nothing."""
+    for key in ("params", "vocab_hash"):
+        if len({r[key] for r in best.values()}) != 1:
+            raise RuntimeError(f"rows differ in {key}: {[r[key] for r in best.values()]}")
+    dpo = {n: r["epoch_tokens"] for n, r in best.items() if r["method"] == "dpo"}
+    if len(set(dpo.values())) != 1:
+        raise RuntimeError(f"DPO rows saw different numbers of policy tokens: {dpo}")
+
+
+if __name__ == "__main__":
+    main()
