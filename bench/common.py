@@ -62,11 +62,13 @@ class StepClock:
     """
 
     marks: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)  # process CPU seconds (all threads)
     tokens: list[int] = field(default_factory=list)
     pairs: list[int] = field(default_factory=list)
 
     def mark(self, tokens: int, pairs: int) -> None:
         self.marks.append(time.perf_counter())
+        self.cpu.append(time.process_time())
         self.tokens.append(int(tokens))
         self.pairs.append(int(pairs))
 
@@ -76,6 +78,7 @@ class StepClock:
         seconds = self.marks[-1] - self.marks[warmup - 1]
         steps = [b - a for a, b in zip(self.marks[warmup - 1 : -1], self.marks[warmup:], strict=True)]
         pairs, tokens = sum(self.pairs[warmup:]), sum(self.tokens[warmup:])
+        cpu = self.cpu[-1] - self.cpu[warmup - 1]
         return {
             "timed_steps": len(steps),
             "seconds": seconds,
@@ -86,6 +89,9 @@ class StepClock:
             "step_ms_mean": 1000 * seconds / len(steps),
             "step_ms_median": 1000 * sorted(steps)[len(steps) // 2],
             "step_ms_min": 1000 * min(steps),
+            # CPU time is less disturbed than wall time by other processes on the machine
+            "cpu_ms_per_step": 1000 * cpu / len(steps),
+            "pairs_per_cpu_s": pairs / cpu,
         }
 
 

@@ -29,16 +29,19 @@ def build_model(seed: int) -> torch.nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(vocab_size=VOCAB, n_positions=SEQ_LEN, n_embd=32, n_layer=2, n_head=4,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        bos_token_id=0, eos_token_id=0, loss_type="ForCausalLM")
     with torch.random.fork_rng(devices=[]):  # never move the caller's global RNG
         torch.manual_seed(seed)
         return GPT2LMHeadModel(config)
 
 
 def global_batches(steps: int, global_batch: int, seed: int) -> torch.Tensor:
-    """Token ids, shape (steps, global_batch, SEQ_LEN)."""
+    """Token ids, shape (steps, global_batch, SEQ_LEN): one fixed batch seen every step, so the
+    loss must fall step after step (memorisation), a visible sign that the updates are applied."""
     gen = torch.Generator().manual_seed(seed + 1)
-    return torch.randint(0, VOCAB, (steps, global_batch, SEQ_LEN), generator=gen)
+    batch = torch.randint(0, VOCAB, (global_batch, SEQ_LEN), generator=gen)
+    return batch.expand(steps, -1, -1)
 
 
 def reference(steps: int, global_batch: int, seed: int) -> tuple[list[float], dict]:

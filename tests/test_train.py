@@ -51,3 +51,15 @@ def test_preference_experiments_fast_dev_run(make_cfg, experiment):
     metrics = json.load(open(f"{cfg.paths.output_dir}/metrics.json"))
     assert "train/rewards/accuracies" in metrics
     assert ("train/rewards/toxic" in metrics) == (experiment == "adpo_builtin")
+
+
+def test_wandb_offline_logger_logs_resolved_config_without_secrets(make_cfg, monkeypatch, tmp_path):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    cfg = make_cfg("trainer=debug", "data.source.size=200", "logger=wandb", "+secret_token=hunter2")
+    train(cfg)
+    files = [p for p in tmp_path.rglob("*") if p.is_file() and p.suffix in (".yaml", ".json", ".txt", ".log")]
+    text = "".join(p.read_text(errors="ignore") for p in files)
+    assert "hunter2" not in text and "x" * 40 not in text
+    assert "max_prompt_length" in text  # the resolved config did reach W&B's files

@@ -76,9 +76,10 @@ def load_causal_lm(
             "model.name_or_path",
             f"{name_or_path!r} does not exist locally; set model.local_files_only=false to use a hub id",
         )
+    dtype_ = _dtype(dtype)  # validate before loading anything
     model = AutoModelForCausalLM.from_pretrained(
         name_or_path,
-        dtype=_dtype(dtype),
+        dtype=dtype_,
         trust_remote_code=False,
         use_safetensors=True,
         local_files_only=local_files_only,
