@@ -30,7 +30,7 @@ def build_model(seed: int) -> torch.nn.Module:
 
     config = GPT2Config(vocab_size=VOCAB, n_positions=SEQ_LEN, n_embd=32, n_layer=2, n_head=4,
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                        bos_token_id=0, eos_token_id=0, loss_type="ForCausalLM")
+                        bos_token_id=0, eos_token_id=0)
     with torch.random.fork_rng(devices=[]):  # never move the caller's global RNG
         torch.manual_seed(seed)
         return GPT2LMHeadModel(config)

@@ -155,10 +155,15 @@ def log_to_loggers(logger_cfg, table: list[dict], config: dict) -> None:
     if not logger_cfg:
         return
     from hydra.utils import instantiate
+    from omegaconf import OmegaConf
 
-    loggers = instantiate(logger_cfg)
+    nodes = (
+        logger_cfg
+        if OmegaConf.is_list(logger_cfg) or isinstance(logger_cfg, list)
+        else [logger_cfg]
+    )
     cols = columns(table)
-    for lg in loggers if isinstance(loggers, list | tuple) else [loggers]:
+    for lg in (instantiate(node) for node in nodes):
         lg.log_hyperparams(config)
         if hasattr(lg, "log_table"):
             lg.log_table(

@@ -16,7 +16,12 @@ import numpy as np
 from safealign.data.datamodule import DataModule
 from safealign.errors import ConfigError
 from safealign.isaac.encoder import embed_cached
-from safealign.isaac.sampler import as_multi_target, draw_targets, original_mask, prepare_neighbourhoods
+from safealign.isaac.sampler import (
+    as_multi_target,
+    draw_targets,
+    original_mask,
+    prepare_neighbourhoods,
+)
 from safealign.types import UNSAFE, DialogueExample, MultiTargetExample
 
 log = logging.getLogger(__name__)
