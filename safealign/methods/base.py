@@ -67,6 +67,18 @@ class BaseModule(L.LightningModule):
                 "lower the learning rate, check the data, or use fp32"
             )
 
+    def _step(self, batch: dict, split: str, batch_idx: int) -> torch.Tensor:
+        raise NotImplementedError  # each method's one shared step (STYLE.md principle 9)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train", batch_idx)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._step(batch, "val", batch_idx)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._step(batch, "test", batch_idx)
+
     def on_before_optimizer_step(self, optimizer) -> None:
         norms = [p.grad.detach().norm(2) for p in self.parameters() if p.grad is not None]
         if norms:
@@ -77,6 +89,10 @@ class BaseModule(L.LightningModule):
         row = {"step": float(self.global_step)}
         row.update({k: float(v) for k, v in self.trainer.callback_metrics.items() if v.numel() == 1})
         self.history.append(row)
+
+    def summarize(self, datamodule, out_dir) -> dict[str, float]:
+        """Method-specific end-of-run metrics (and files in out_dir); none by default."""
+        return {}
 
     def export(self, out_dir: str | Path) -> Path:
         """save_pretrained (safetensors) of the model and tokenizer, for `model=hf` to load."""

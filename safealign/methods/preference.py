@@ -144,15 +144,6 @@ class PreferenceModule(BaseModule):
         self.log_dict({f"{split}/{k}": v for k, v in m.items()}, on_step=on_step, on_epoch=True, batch_size=bs, prog_bar=False)
         self.log(f"{split}/loss", loss.detach(), prog_bar=True, on_step=on_step, on_epoch=True, batch_size=bs)
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train", batch_idx)
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._step(batch, "val", batch_idx)
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._step(batch, "test", batch_idx)
-
     def summarize(self, datamodule, out_dir) -> dict[str, float]:
         plot_kl({"this run": self.history}, Path(out_dir) / "kl.png")
         return {}

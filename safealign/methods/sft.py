@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from safealign.losses import multi_target_loss, sft_loss
@@ -17,9 +15,6 @@ class SFTModule(BaseModule):
 
     record_type = DialogueExample
 
-    def __init__(self, model_factory: Callable, tokenizer, optimizer: Callable, scheduler=None):
-        super().__init__(model_factory, tokenizer, optimizer, scheduler)
-
     def per_example_loss(self, batch: dict) -> torch.Tensor:
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return sft_loss(logits, batch["labels"])  # (B,)
@@ -32,15 +27,6 @@ class SFTModule(BaseModule):
         if split != "train":
             self.log(f"{split}/ppl", loss.exp(), batch_size=bs, on_epoch=True)
         return loss
-
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train", batch_idx)
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._step(batch, "val", batch_idx)
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._step(batch, "test", batch_idx)
 
     def summarize(self, datamodule, out_dir) -> dict[str, float]:
         """Control-token shift on held-out labelled dialogues (ADPO A.1), when there are labels."""
