@@ -327,3 +327,15 @@ def test_embedding_coherence_minilm():
         [context, context],
     )
     assert got[0] > got[1] + 0.2 and np.all(np.abs(got) <= 1 + 1e-6)
+
+
+def test_refusal_detector_on_the_builtin_corpus():
+    """Every built-in evasive template is flagged and no safe or unsafe response is."""
+    from safealign.data.builtin import generate_builtin
+    from safealign.eval.scorers import RefusalScorer
+
+    corpus = generate_builtin(size=2000, seed=0)
+    rows = corpus.train + corpus.val + corpus.test
+    flags = RefusalScorer().score([r.response for r in rows])
+    for r, f in zip(rows, flags, strict=True):
+        assert f == (r.label == "evasive"), (r.label, r.response)

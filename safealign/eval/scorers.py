@@ -197,7 +197,9 @@ class GroundTruthScorer:
 
 
 DEFAULT_REFUSAL_PATTERNS = (
-    r"\bi can(?:'t|not| not) help",
+    r"\bi can(?:'t|not| not) (?:help|answer|assist|provide|discuss|do that)",
+    r"\bnot something i can\b",
+    r"\bi(?:'m| am) afraid i can(?:'t|not)\b",
     r"\bi cannot\b",
     r"\bi(?:'m| am) (?:not able|unable) to\b",
     r"\bsorry,? but\b",
