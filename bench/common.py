@@ -7,6 +7,8 @@ prints exactly one line ``BENCH_ROW {json}`` on stdout; everything else it print
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -63,12 +65,14 @@ class StepClock:
 
     marks: list[float] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)  # process CPU seconds (all threads)
+    rss: list[float] = field(default_factory=list)  # resident MB right after each step
     tokens: list[int] = field(default_factory=list)
     pairs: list[int] = field(default_factory=list)
 
     def mark(self, tokens: int, pairs: int) -> None:
         self.marks.append(time.perf_counter())
         self.cpu.append(time.process_time())
+        self.rss.append(current_rss_mb())
         self.tokens.append(int(tokens))
         self.pairs.append(int(pairs))
 
@@ -92,6 +96,7 @@ class StepClock:
             # CPU time is less disturbed than wall time by other processes on the machine
             "cpu_ms_per_step": 1000 * cpu / len(steps),
             "pairs_per_cpu_s": pairs / cpu,
+            "rss_after_steps_mb": max(self.rss),
         }
 
 
@@ -111,6 +116,31 @@ def run_row(script: Path, row: str, extra: list[str], threads: int, timeout: flo
         tail = "\n".join(proc.stderr.splitlines()[-30:])
         raise RuntimeError(f"row {row!r} failed (exit {proc.returncode}):\n{tail}")
     return json.loads(lines[0][len(ROW_MARKER) :])
+
+
+def best_runs(runs: dict[str, list[dict]]) -> dict[str, dict]:
+    """Per row, the run with the highest throughput (the least disturbed by other processes on
+    the machine), with the WORST peak RSS over all its runs (memory is not a lucky draw)."""
+    return {
+        name: {**max(rs, key=lambda r: r["pairs_per_s"]), "peak_rss_mb": max(r["peak_rss_mb"] for r in rs)}
+        for name, rs in runs.items()
+    }
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One ``--field-name`` option per dataclass field (default None = keep the dataclass's)."""
+    for f in dataclasses.fields(cls):
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None)
+
+
+def dataclass_from_args(args: argparse.Namespace, cls: type, base: dict):
+    """``cls`` from ``base`` values overridden by every option given on the command line."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
+    return cls(**{**base, **{k: v for k, v in given.items() if v is not None}})
+
+
+def fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
 
 
 def load_average() -> tuple[float, float, float] | None:

@@ -5,13 +5,18 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import lightning.pytorch as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from safealign.io import write_json
 from safealign.methods.report import finish_run
-from safealign.utils import check_required, record_run, resolved_config, setup_logging
+from safealign.utils import (
+    check_required,
+    record_run,
+    resolved_config,
+    seed_everything,
+    setup_logging,
+)
 
 log = logging.getLogger("safealign.run")
 
@@ -45,6 +50,8 @@ def train(cfg: DictConfig) -> float | None:
     check_required(cfg)
     out_dir = Path(cfg.paths.output_dir)
     OmegaConf.resolve(cfg.paths)  # freeze hydra-runtime paths before stages copy the config
+    if cfg.get("pipeline"):  # a multi-stage run (the ADPO pipeline) drives its own stages
+        return instantiate(cfg.pipeline)(cfg).objective
     if cfg.get("init"):
         from safealign.pipeline.stages import hf_model_config, run_init_stage
 
@@ -53,7 +60,7 @@ def train(cfg: DictConfig) -> float | None:
         with open_dict(cfg):
             cfg.model = hf_model_config(model_dir)
     record_run(cfg, out_dir)
-    L.seed_everything(cfg.seed, workers=True)
+    seed_everything(cfg.seed)
     metrics = fit(cfg, out_dir)
     log.info("outputs in %s", out_dir)
     metric = cfg.get("optimized_metric")

@@ -32,6 +32,14 @@ def setup_logging(level: int = logging.INFO) -> None:
         root.addFilter(RankZeroFilter())
 
 
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (and dataloader workers). Lightning imported only here: a
+    fully-cached pipeline rerun never pays its import time."""
+    import lightning.pytorch as L
+
+    L.seed_everything(seed, workers=True)
+
+
 def check_required(cfg: DictConfig) -> None:
     """Fail before any heavy work if a `???` value is still missing (STYLE.md principle 7)."""
     missing = sorted(OmegaConf.missing_keys(cfg))

@@ -1,6 +1,6 @@
 """Run a few raw-DeepSpeed ZeRO steps with the config safealign generates, and report them.
 
-    DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 scripts/deepspeed_smoke.py --stage 3 --out r.json
+    DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 scripts/deepspeed_smoke.py z2 z3 --out-dir d/
 
 Lightning's DeepSpeedStrategy refuses CPU, raw DeepSpeed does not (ENV.md "Distributed on CPU"),
 so this exercises `safealign.distributed.deepspeed_config` through `deepspeed.initialize` with
@@ -80,11 +80,15 @@ def full_state_dict(engine, stage: int) -> dict:
         return {k: v.detach().clone().cpu() for k, v in engine.module.state_dict().items()}
 
 
-def run(stage: int, offload: bool, steps: int, micro_batch: int, seed: int, out: Path) -> None:
+CONFIGS = {"z1": (1, False), "z2": (2, False), "z3": (3, False),
+           "z2_offload": (2, True), "z3_offload": (3, True)}
+
+
+def run(name: str, steps: int, micro_batch: int, seed: int, out_dir: Path) -> None:
     import deepspeed
     import torch.distributed as dist
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    stage, offload = CONFIGS[name]
     rank, world = dist.get_rank(), dist.get_world_size()
     model = build_model(seed)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
@@ -104,27 +108,31 @@ def run(stage: int, offload: bool, steps: int, micro_batch: int, seed: int, out:
 
         from safealign.io import atomic_path, write_json
 
-        with atomic_path(out.with_suffix(".safetensors")) as tmp:
+        with atomic_path(out_dir / f"{name}.safetensors") as tmp:
             save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-        write_json(out, {"stage": stage, "offload": offload, "world_size": world,
-                         "micro_batch": micro_batch, "losses": losses,
-                         "config": ds_config(stage, offload, micro_batch)})
+        write_json(out_dir / f"{name}.json", {"stage": stage, "offload": offload, "world_size": world,
+                                               "micro_batch": micro_batch, "losses": losses,
+                                               "config": ds_config(stage, offload, micro_batch)})
+    engine.destroy()
     dist.barrier()
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--stage", type=int, default=2, choices=(1, 2, 3))
-    p.add_argument("--offload", action="store_true")
+    p.add_argument("configs", nargs="+", choices=sorted(CONFIGS))
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path("deepspeed_smoke.json"))
+    p.add_argument("--out-dir", type=Path, default=Path("deepspeed_smoke"))
     a = p.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
-    run(a.stage, a.offload, a.steps, a.micro_batch, a.seed, a.out)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(json.loads(a.out.read_text())["losses"]))
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo" if os.environ["DS_ACCELERATOR"] == "cpu" else "nccl")
+    for name in a.configs:  # one launch for all configs: imports and process start dominate
+        run(name, a.steps, a.micro_batch, a.seed, a.out_dir)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(name, json.loads((a.out_dir / f"{name}.json").read_text())["losses"], flush=True)
 
 
 if __name__ == "__main__":

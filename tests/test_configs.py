@@ -19,7 +19,7 @@ def options(group: str) -> list[str]:
 
 @pytest.mark.parametrize("experiment", options("experiment"))
 def test_experiment_composes(make_cfg, experiment):
-    cfg = make_cfg(f"experiment={experiment}")
+    cfg = make_cfg(f"experiment={experiment}", tiny=False)  # experiments may pick their own model
     assert cfg.seed == 0
     assert "_target_" in cfg.method and "_target_" in cfg.data
 

@@ -22,15 +22,17 @@ def _brute_topk(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _blobs(rng, n, d, centres, spread, scale=3.0):
     c = rng.standard_normal((centres, d)) * scale
-    return (c[rng.integers(0, centres, n)] + rng.standard_normal((n, d)) * spread).astype(np.float32)
+    return (c[rng.integers(0, centres, n)] + rng.standard_normal((n, d)) * spread).astype(
+        np.float32
+    )
 
 
-@pytest.mark.parametrize("chunk_rows", [None, 7, 64])
-def test_topk_cosine_matches_brute_force(chunk_rows):
+@pytest.mark.parametrize(("chunk_rows", "workers"), [(None, 1), (7, 2), (64, 2), (300, 1)])
+def test_topk_cosine_matches_brute_force(chunk_rows, workers):
     rng = np.random.default_rng(0)
     x = _blobs(rng, 2600, 16, 12, 1.0)  # > 2048 rows: exercises the later column blocks
     x[10] = x[20] * 3.0  # same direction: a cosine tie with row 20, broken by index
-    idx, sims = topk_cosine(x, 40, chunk_rows=chunk_rows)
+    idx, sims = topk_cosine(x, 40, chunk_rows=chunk_rows, workers=workers)
     ref_idx, ref_sims = _brute_topk(x, 40)
     assert idx.dtype == np.int64 and sims.dtype == np.float32 and idx.shape == (2600, 40)
     np.testing.assert_allclose(sims, ref_sims, atol=2e-6)
@@ -75,8 +77,9 @@ def _sklearn_labels(x: np.ndarray, neigh: np.ndarray, eps: float) -> np.ndarray:
     return np.stack([DBSCAN(eps=eps, min_samples=1).fit(x[row]).labels_ for row in neigh])
 
 
-@pytest.mark.parametrize(("spread", "eps"), [(0.5, 1.2), (0.3, 0.6), (1.0, 2.5), (0.3, 1e-4),
-                                             (0.3, 1e4)])
+@pytest.mark.parametrize(
+    ("spread", "eps"), [(0.5, 1.2), (0.3, 0.6), (1.0, 2.5), (0.3, 1e-4), (0.3, 1e4)]
+)
 def test_dbscan_matches_sklearn(spread, eps):
     rng = np.random.default_rng(2)
     x = _blobs(rng, 500, 6, 5, spread)
@@ -118,8 +121,9 @@ def test_dbscan_normalise_flag_and_errors():
     x = _blobs(rng, 100, 5, 3, 0.5)
     neigh = np.stack([rng.permutation(100)[:20] for _ in range(10)])
     xn = x / np.linalg.norm(x, axis=1, keepdims=True)
-    np.testing.assert_array_equal(dbscan_neighbourhoods(x, neigh, 0.1, normalise=True),
-                                  _sklearn_labels(xn, neigh, 0.1))
+    np.testing.assert_array_equal(
+        dbscan_neighbourhoods(x, neigh, 0.1, normalise=True), _sklearn_labels(xn, neigh, 0.1)
+    )
     with pytest.raises(ValueError, match="eps"):
         dbscan_neighbourhoods(x, neigh, 0.0)
     x[7] = np.inf
@@ -130,3 +134,29 @@ def test_dbscan_normalise_flag_and_errors():
 def test_cluster_sizes_first_encounter_order():
     assert cluster_sizes(np.array([0, 1, 1, 2, 0, 1])).tolist() == [2, 3, 1]
     assert cluster_sizes(np.array([0, 0, 0])).tolist() == [3]
+
+
+def test_dbscan_shared_union_path_matches_sklearn():
+    # ISAAC's square case (one response per context, neighbours from the context top-K): groups
+    # of contexts with overlapping lists share one Gram matrix; labels must not change
+    rng = np.random.default_rng(5)
+    topic = rng.integers(0, 4, 600)
+    ctx = rng.standard_normal((4, 16))[topic] + 0.3 * rng.standard_normal((600, 16))
+    resp = rng.standard_normal((12, 16))[topic * 3 + rng.integers(0, 3, 600)]
+    resp = (resp + 0.15 * rng.standard_normal((600, 16))).astype(np.float32)
+    neigh, _ = topk_cosine(ctx.astype(np.float32), 60)
+    shared = dbscan_neighbourhoods(resp, neigh, 1.0)
+    np.testing.assert_array_equal(shared, dbscan_neighbourhoods(resp, neigh, 1.0, shared=False))
+    rows = rng.choice(600, 80, replace=False)
+    np.testing.assert_array_equal(shared[rows], _sklearn_labels(resp, neigh[rows], 1.0))
+    assert 2 < shared.max(axis=1).mean() + 1 < 30
+
+
+def test_topk_cosine_independent_of_blocking_and_threads():
+    rng = np.random.default_rng(6)
+    x = _blobs(rng, 2300, 24, 8, 0.7)
+    ref = topk_cosine(x, 30)
+    for chunk_rows, workers in [(5, 2), (1000, 1), (2300, 2)]:
+        idx, sims = topk_cosine(x, 30, chunk_rows=chunk_rows, workers=workers)
+        np.testing.assert_array_equal(idx, ref[0])
+        np.testing.assert_array_equal(sims, ref[1])

@@ -11,8 +11,12 @@ from safealign.run import build, train
 
 def isaac_cfg(make_cfg, *extra):
     return make_cfg(
-        "experiment=isaac_builtin", "data.source.size=300", "data.k=40", "data.encoder.dim=32",
-        "data.sampler.keep_original=false", *extra,
+        "experiment=isaac_builtin",
+        "data.source.size=300",
+        "data.k=40",
+        "data.encoder.dim=32",
+        "data.sampler.keep_original=false",
+        *extra,
     )
 
 

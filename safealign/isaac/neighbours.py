@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 _BLOCK_BYTES = 256 * 2**20  # one similarity block (float32) stays <= ~256 MB
+_MAX_COLS = 16384  # widest column block
 _LOW32 = np.int64(0xFFFFFFFF)
 _MIN_KEY = np.iinfo(np.int64).min
 
@@ -91,7 +92,11 @@ def _view(buf: np.ndarray, rows: int, cols: int) -> np.ndarray:
 
 
 def _rowblock_topk(
-    xr: np.ndarray, x: np.ndarray, k: int, blocks: list[tuple[int, int]], sbuf: np.ndarray,
+    xr: np.ndarray,
+    x: np.ndarray,
+    k: int,
+    blocks: list[tuple[int, int]],
+    sbuf: np.ndarray,
     mbuf: np.ndarray,
 ) -> np.ndarray:
     """Exact top-k keys of one row block against all rows of ``x``, column block by column block."""
@@ -113,14 +118,14 @@ def _rowblock_topk(
     return state
 
 
-def _workers(workers: int | None) -> int:
+def default_workers(workers: int | None) -> int:
     if workers is not None:
         return max(1, int(workers))
     return max(1, min(2, len(os.sched_getaffinity(0))))
 
 
 @contextlib.contextmanager
-def _single_threaded_kernels(active: bool) -> Iterator[None]:
+def single_threaded_kernels(active: bool) -> Iterator[None]:
     """One BLAS/torch thread per worker while workers run in parallel (restored afterwards)."""
     if not active:
         yield
@@ -162,31 +167,47 @@ def topk_cosine(
         raise ValueError(f"k must be >= 1, got {k}")
     if n < k:
         raise ValueError(f"k={k} neighbours requested but the corpus has only {n} rows; lower k")
-    max_cols = min(n, 16384)
-    rows = min(n, chunk_rows or max(1, _BLOCK_BYTES // (4 * max_cols)))
-    blocks = _column_blocks(n, k, max_cols)
-    starts = list(range(0, n, rows))
-    workers = min(_workers(workers), len(starts))
-    keys = np.empty((n, k), dtype=np.int64)
-    local = threading.local()
-
-    def run(r0: int) -> None:
-        if not hasattr(local, "sbuf"):  # per-thread block buffers, reused across row blocks
-            local.sbuf = np.empty(rows * max_cols, dtype=np.float32)
-            local.mbuf = np.empty(rows * max_cols, dtype=bool)
-        xr = x[r0 : r0 + rows]
-        keys[r0 : r0 + rows] = _rowblock_topk(xr, x, k, blocks, local.sbuf, local.mbuf)
-
-    with _single_threaded_kernels(workers > 1):
-        if workers > 1:
-            with ThreadPoolExecutor(workers) as pool:
-                list(pool.map(run, starts))
-        else:
-            for r0 in starts:
-                run(r0)
+    rows = min(n, chunk_rows or _default_rows(n))
+    tasks = [(np.arange(r0, min(n, r0 + rows)), None) for r0 in range(0, n, rows)]
+    keys = _run_tasks(x, k, tasks, rows, workers)
     keys = np.sort(keys, axis=1)[:, ::-1]  # descending key == (similarity desc, index asc)
     idx, sims = _decode(keys)
     return idx, np.ascontiguousarray(sims)
+
+
+def _default_rows(n: int) -> int:
+    return max(1, _BLOCK_BYTES // (4 * min(n, _MAX_COLS)))
+
+
+def _run_tasks(x: np.ndarray, k: int, tasks: list, rows: int, workers: int | None) -> np.ndarray:
+    """Top-k keys for each task (query rows, candidate rows or None = all), run on ``workers``
+    threads with per-thread block buffers. Keys carry global indices."""
+    keys = np.empty((len(x), k), dtype=np.int64)
+    max_cols = min(len(x), _MAX_COLS)
+    local = threading.local()
+
+    def run(task: tuple[np.ndarray, np.ndarray | None]) -> None:
+        q, cand = task
+        if not hasattr(local, "sbuf"):  # per-thread block buffers, reused across tasks
+            local.sbuf = np.empty(rows * max_cols, dtype=np.float32)
+            local.mbuf = np.empty(rows * max_cols, dtype=bool)
+        xc = x if cand is None else x[cand]
+        blocks = _column_blocks(len(xc), k, max_cols)
+        got = _rowblock_topk(x[q], xc, k, blocks, local.sbuf, local.mbuf)
+        if cand is not None:  # local candidate positions -> global row indices
+            pos, sims = _decode(got)
+            got = _encode(sims, cand[pos])
+        keys[q] = got
+
+    workers = min(default_workers(workers), len(tasks))
+    with single_threaded_kernels(workers > 1):
+        if workers > 1:
+            with ThreadPoolExecutor(workers) as pool:
+                list(pool.map(run, tasks))
+        else:
+            for task in tasks:
+                run(task)
+    return keys
 
 
 def _sort_rows(idx: np.ndarray, sims: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -203,48 +224,83 @@ def _exact_rows(x: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np
     return _decode(_topk_keys(keys, k))
 
 
-def _faiss_index(x: np.ndarray, method: str, seed: int, **params: int):
-    import faiss  # lazy: only needed for approximate search
+def _ivf_tasks(x: np.ndarray, k: int, rows: int, seed: int, **params: int) -> list:
+    """IVF probing with a FAISS spherical k-means coarse quantiser, scanned as blocked GEMMs.
+
+    Queries are grouped by their nearest centroid (their list). A group is scanned exactly
+    against the members of the ``nprobe`` lists nearest to its centroid plus every query's two
+    nearest lists (for queries near a list boundary). Scanning a group at once turns FAISS's
+    one-query-at-a-time list scans (memory-bound) into matrix products."""
+    import faiss
 
     n, d = x.shape
-    if method == "hnsw":
-        index = faiss.IndexHNSWFlat(d, int(params.get("m", 32)), faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = int(params.get("ef_construction", 80))
-        index.hnsw.efSearch = int(params.get("ef_search", 256))
-        index.add(x)
-        return index
-    if method != "ivf":
-        raise ValueError(f"method must be 'hnsw' or 'ivf', got {method!r}")
-    nlist = int(params.get("nlist", max(1, min(int(4 * np.sqrt(n)), n // 39))))
-    quantizer = faiss.IndexFlatIP(d)
-    index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
-    index.cp.seed = seed  # k-means initialisation: fixed, so the index is reproducible
-    train = x if n <= 256 * nlist else x[np.random.default_rng(seed).choice(n, 256 * nlist, False)]
-    index.train(train)
+    nlist = int(params.get("nlist", max(1, min(int(np.sqrt(n)), n // 39))))
+    nprobe = min(nlist, int(params.get("nprobe", 8)))
+    n_train = min(n, 64 * nlist)  # k-means cost ~ niter * n_train * nlist
+    train = x if n_train == n else x[np.random.default_rng(seed).choice(n, n_train, replace=False)]
+    km = faiss.Kmeans(d, nlist, niter=int(params.get("niter", 10)), seed=seed, spherical=True)
+    km.train(train)
+    _, probes = km.index.search(x, min(2, nlist))  # each query's two nearest lists
+    _, near = km.index.search(km.centroids, nprobe)  # each list's nprobe nearest lists
+    order = np.argsort(probes[:, 0], kind="stable")
+    bounds = np.searchsorted(probes[order, 0], np.arange(nlist + 1))
+    members = [order[bounds[c] : bounds[c + 1]] for c in range(nlist)]
+    tasks = []
+    for c, q in enumerate(members):
+        if not len(q):
+            continue
+        lists = np.union1d(near[c], probes[q])
+        cand = np.sort(np.concatenate([members[j] for j in lists]))
+        cand = cand if len(cand) >= k else None  # too few candidates: scan everything
+        tasks += [(q[r0 : r0 + rows], cand) for r0 in range(0, len(q), rows)]
+    return tasks
+
+
+def _hnsw(x: np.ndarray, k: int, **params: int) -> tuple[np.ndarray, np.ndarray]:
+    import faiss
+
+    index = faiss.IndexHNSWFlat(x.shape[1], int(params.get("m", 32)), faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = int(params.get("ef_construction", 80))
+    index.hnsw.efSearch = max(k, int(params.get("ef_search", 256)))
     index.add(x)
-    index.nprobe = int(params.get("nprobe", min(nlist, 48)))
-    return index
+    sims, idx = index.search(x, k)
+    missing = np.flatnonzero((idx < 0).any(axis=1))
+    if len(missing):  # HNSW found fewer than k: complete those rows exactly
+        idx[missing], sims[missing] = _exact_rows(x, missing, k)
+    own = (idx == np.arange(len(x))[:, None]).any(axis=1)
+    rows = np.flatnonzero(~own)
+    idx[rows, -1] = rows  # force self in (the exact search always finds it), dropping the weakest
+    sims[rows, -1] = np.einsum("ij,ij->i", x[rows], x[rows])
+    return _sort_rows(idx.astype(np.int64), sims)
 
 
 def topk_faiss(
-    emb: np.ndarray, k: int, method: str = "ivf", *, seed: int = 0, threads: int | None = None,
+    emb: np.ndarray,
+    k: int,
+    method: str = "ivf",
+    *,
+    seed: int = 0,
+    threads: int | None = None,
+    workers: int | None = None,
     **params: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Approximate cosine top-K with FAISS (inner product on L2-normalised vectors).
+    """Approximate cosine top-K with FAISS structures (inner product on L2-normalised vectors).
 
-    Same contract as :func:`topk_cosine`. Each row's own index is forced into its list (the exact
-    search always finds it, at cosine 1), rows where FAISS found fewer than k hits are completed
-    exactly, and rows are sorted by (similarity desc, index asc).
+    Same contract as :func:`topk_cosine`: rows sorted by (similarity desc, index asc), each
+    row's own index included.
 
     Args:
         emb: Embeddings, Shape: (N, d).
         k: Neighbours per row.
-        method: "ivf" (IndexIVFFlat; deterministic for a fixed seed) or "hnsw" (IndexHNSWFlat;
-            built with several threads its graph can differ run to run: pass threads=1 for
-            bit-reproducible results).
-        seed: Seed for IVF's k-means and its training subsample.
+        method: "ivf" - FAISS spherical k-means lists, probed lists scanned exactly with GEMMs
+            (see :func:`_ivf_tasks`; deterministic for a fixed seed); "hnsw" - FAISS
+            IndexHNSWFlat (built with several threads its graph can differ run to run: pass
+            threads=1 for bit-reproducible results).
+        seed: Seed for the k-means initialisation and its training subsample.
         threads: FAISS OpenMP threads (default: FAISS's own default).
-        **params: ``nlist``, ``nprobe`` (IVF); ``m``, ``ef_construction``, ``ef_search`` (HNSW).
+        workers: Scan threads for "ivf" (as in :func:`topk_cosine`).
+        **params: ``nlist`` (sqrt N), ``nprobe`` (8), ``niter`` (10) for "ivf";
+            ``m`` (32), ``ef_construction`` (80), ``ef_search`` (256) for "hnsw".
 
     Returns:
         ``(idx, sims)``, Shape: (N, k) each.
@@ -254,24 +310,25 @@ def topk_faiss(
     x = l2_normalise(emb)
     n = len(x)
     if k < 1 or n < k:
-        raise ValueError(f"k={k} neighbours requested but the corpus has {n} rows; need 1 <= k <= N")
+        raise ValueError(
+            f"k={k} neighbours requested but the corpus has {n} rows; need 1 <= k <= N"
+        )
     if threads is not None:
         faiss.omp_set_num_threads(int(threads))
-    index = _faiss_index(x, method, seed, **params)
-    sims, idx = index.search(x, k)
-    missing = (idx < 0).any(axis=1)
-    if missing.any():
-        rows = np.flatnonzero(missing)
-        idx[rows], sims[rows] = _exact_rows(x, rows, k)
-    own = (idx == np.arange(n)[:, None]).any(axis=1)
-    rows = np.flatnonzero(~own)
-    idx[rows, -1] = rows  # force self in, replacing the weakest hit
-    sims[rows, -1] = np.einsum("ij,ij->i", x[rows], x[rows])
-    return _sort_rows(idx.astype(np.int64), sims)
+    if method == "hnsw":
+        return _hnsw(x, k, **params)
+    if method != "ivf":
+        raise ValueError(f"method must be 'ivf' or 'hnsw', got {method!r}")
+    rows = _default_rows(n)
+    keys = _run_tasks(x, k, _ivf_tasks(x, k, rows, seed, **params), rows, workers)
+    idx, sims = _decode(np.sort(keys, axis=1)[:, ::-1])
+    return idx, np.ascontiguousarray(sims)
 
 
 def recall_at_k(approx_idx: np.ndarray, exact_idx: np.ndarray) -> float:
     """Mean fraction of each row's exact top-K that the approximate top-K also found."""
-    hits = sum(len(np.intersect1d(a, e, assume_unique=True)) for a, e in zip(approx_idx, exact_idx,
-                                                                             strict=True))
+    hits = sum(
+        len(np.intersect1d(a, e, assume_unique=True))
+        for a, e in zip(approx_idx, exact_idx, strict=True)
+    )
     return hits / exact_idx.size

@@ -31,9 +31,22 @@ from safealign.isaac.sharpen import MODES
 log = logging.getLogger(__name__)
 DEFAULT_DIASAFETY = Path(__file__).resolve().parents[3] / "shared" / "data" / "diasafety"
 DEFAULT_EPS = {"tfidf": 0.5, "minilm": 0.5, "hf": 0.22}  # tfidf/minilm vectors are unit-norm
-COLUMNS = ["corpus", "poison", "setting", "mode", "raw_unsafe", "neigh_unsafe", "sampled_unsafe",
-           "change", "raw_evasive", "sampled_evasive", "head_unsafe", "keep_original_rate",
-           "mean_clusters", "mean_si"]
+COLUMNS = [
+    "corpus",
+    "poison",
+    "setting",
+    "mode",
+    "raw_unsafe",
+    "neigh_unsafe",
+    "sampled_unsafe",
+    "change",
+    "raw_evasive",
+    "sampled_evasive",
+    "head_unsafe",
+    "keep_original_rate",
+    "mean_clusters",
+    "mean_si",
+]
 
 
 def load_corpora(args: argparse.Namespace) -> list[tuple[str, float | None, list]]:
@@ -94,36 +107,66 @@ def evaluate(name: str, poison: float | None, rows: list, args, cache: Path) -> 
     eps = args.eps if args.eps is not None else DEFAULT_EPS[args.encoder]
     nb = prepare_neighbourhoods(ctx_emb, resp_emb, k=args.k, eps=eps, cache_dir=cache)
     is_orig = original_mask(nb, responses)
-    base = dict(corpus=name, poison="" if poison is None else poison,
-                raw_unsafe=float(unsafe.mean()), raw_evasive=float(evasive.mean()),
-                neigh_unsafe=float(unsafe[nb.neigh_idx].mean()), head_unsafe=_head_unsafe(nb, unsafe))
-    settings = [("isaac", args.top_k, True, MODES), ("no_shortcut", args.top_k, False, MODES),
-                ("theorem1", nb.k, False, ("random",))]
+    base = dict(
+        corpus=name,
+        poison="" if poison is None else poison,
+        raw_unsafe=float(unsafe.mean()),
+        raw_evasive=float(evasive.mean()),
+        neigh_unsafe=float(unsafe[nb.neigh_idx].mean()),
+        head_unsafe=_head_unsafe(nb, unsafe),
+    )
+    settings = [
+        ("isaac", args.top_k, True, MODES),
+        ("no_shortcut", args.top_k, False, MODES),
+        ("theorem1", nb.k, False, ("random",)),
+    ]
     out = []
     for setting, top_k, keep, modes in settings:
         for mode in modes:
-            res = draw_targets(nb, is_orig, top_k=top_k, top_p=args.top_p, tau=args.tau, mode=mode,
-                               m=args.m, keep_original=keep, rng=np.random.default_rng(args.seed))
+            res = draw_targets(
+                nb,
+                is_orig,
+                top_k=top_k,
+                top_p=args.top_p,
+                tau=args.tau,
+                mode=mode,
+                m=args.m,
+                keep_original=keep,
+                rng=np.random.default_rng(args.seed),
+            )
             su, se = _rates(res.targets, unsafe, evasive)
             s = res.summary()
-            out.append(dict(base, setting=setting, mode=mode, sampled_unsafe=su, sampled_evasive=se,
-                            change=su - base["raw_unsafe"], keep_original_rate=s["keep_original_rate"],
-                            mean_clusters=s["mean_clusters"], mean_si=s["mean_si"]))
+            out.append(
+                dict(
+                    base,
+                    setting=setting,
+                    mode=mode,
+                    sampled_unsafe=su,
+                    sampled_evasive=se,
+                    change=su - base["raw_unsafe"],
+                    keep_original_rate=s["keep_original_rate"],
+                    mean_clusters=s["mean_clusters"],
+                    mean_si=s["mean_si"],
+                )
+            )
     extra = dict(nb=nb, resp_emb=resp_emb, labels=labels, unsafe=unsafe, eps=eps)
     return out, extra
 
 
 def to_markdown(rows: list[dict]) -> str:
-    head = ("| corpus | poison | setting | mode | raw unsafe | neighbourhood unsafe | sampled unsafe |"
-            " change | raw evasive | sampled evasive | head cluster unsafe | keep-original |"
-            " clusters/ctx |")
+    head = (
+        "| corpus | poison | setting | mode | raw unsafe | neighbourhood unsafe | sampled unsafe |"
+        " change | raw evasive | sampled evasive | head cluster unsafe | keep-original |"
+        " clusters/ctx |"
+    )
     lines = [head, "|" + "---|" * 13]
     for r in rows:
         lines.append(
             f"| {r['corpus']} | {r['poison']} | {r['setting']} | {r['mode']} | {r['raw_unsafe']:.4f}"
             f" | {r['neigh_unsafe']:.4f} | {r['sampled_unsafe']:.4f} | {r['change']:+.4f} |"
             f" {r['raw_evasive']:.4f} | {r['sampled_evasive']:.4f} | {r['head_unsafe']:.3f} |"
-            f" {r['keep_original_rate']:.3f} | {r['mean_clusters']:.1f} |")
+            f" {r['keep_original_rate']:.3f} | {r['mean_clusters']:.1f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -133,13 +176,18 @@ def verdicts(rows: list[dict]) -> list[str]:
     for key in dict.fromkeys((r["corpus"], r["poison"]) for r in rows):
         group = [r for r in rows if (r["corpus"], r["poison"]) == key]
         t1 = next(r for r in group if r["setting"] == "theorem1")
-        convex = {r["mode"]: r["sampled_unsafe"] for r in group
-                  if r["setting"] == "no_shortcut" and r["mode"] != "random"}
+        convex = {
+            r["mode"]: r["sampled_unsafe"]
+            for r in group
+            if r["setting"] == "no_shortcut" and r["mode"] != "random"
+        }
         lowered = [m for m, v in convex.items() if v < t1["raw_unsafe"]]
-        out.append(f"{key[0]} poison={key[1] or '-'}: Theorem 1 random {t1['sampled_unsafe']:.4f} vs "
-                   f"neighbourhood {t1['neigh_unsafe']:.4f}; Theorem 2 convex modes lowering the raw "
-                   f"rate {t1['raw_unsafe']:.4f}: {', '.join(lowered) or 'none'}; head clusters "
-                   f"mostly unsafe in {100 * t1['head_unsafe']:.1f}% of contexts")
+        out.append(
+            f"{key[0]} poison={key[1] or '-'}: Theorem 1 random {t1['sampled_unsafe']:.4f} vs "
+            f"neighbourhood {t1['neigh_unsafe']:.4f}; Theorem 2 convex modes lowering the raw "
+            f"rate {t1['raw_unsafe']:.4f}: {', '.join(lowered) or 'none'}; head clusters "
+            f"mostly unsafe in {100 * t1['head_unsafe']:.1f}% of contexts"
+        )
     return out
 
 
@@ -150,8 +198,13 @@ def write_outputs(out: Path, rows: list[dict], params: dict, notes: list[str]) -
     writer.writerows(rows)
     with atomic_open(out / "report.csv") as f:
         f.write(buf.getvalue())
-    md = "# ISAAC assumption report\n\n" + to_markdown(rows) + "\n" + "\n".join(
-        f"- {n}" for n in notes) + "\n"
+    md = (
+        "# ISAAC assumption report\n\n"
+        + to_markdown(rows)
+        + "\n"
+        + "\n".join(f"- {n}" for n in notes)
+        + "\n"
+    )
     with atomic_open(out / "report.md") as f:
         f.write(md)
     write_json(out / "report.json", {"params": params, "rows": rows, "verdicts": notes})
@@ -164,9 +217,14 @@ def tsne_figure(out: Path, extra: dict, seed: int, title: str) -> Path:
     nb = extra["nb"]
     i = pick_context(nb.labels, extra["unsafe"][nb.neigh_idx])
     rows = nb.neigh_idx[i]
-    return plot_neighbourhood(extra["resp_emb"][rows], nb.labels[i], list(extra["labels"][rows]),
-                              out / "tsne_neighbourhood.png", seed=seed,
-                              title=f"{title}, context {i}: K={nb.k}, eps={extra['eps']}")
+    return plot_neighbourhood(
+        extra["resp_emb"][rows],
+        nb.labels[i],
+        list(extra["labels"][rows]),
+        out / "tsne_neighbourhood.png",
+        seed=seed,
+        title=f"{title}, context {i}: K={nb.k}, eps={extra['eps']}",
+    )
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -179,8 +237,10 @@ def run(args: argparse.Namespace) -> list[dict]:
         rows += r
         if first_extra is None or (name == "builtin" and poison == 0.1):
             first_extra, first_name = extra, f"{name} poison={poison}" if poison else name
-        print(f"{name} poison={poison}: {len(examples)} dialogues "
-              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        print(
+            f"{name} poison={poison}: {len(examples)} dialogues ({time.perf_counter() - t0:.0f} s)",
+            flush=True,
+        )
     if not rows:
         raise SystemExit("no corpus evaluated")
     notes = verdicts(rows)

@@ -2,8 +2,9 @@
 
 Two stages, so sweeps over tau / mode / M / top-k / top-p redo only the cheap part:
 
-* :func:`prepare_neighbourhoods` - context top-K (step 3) and DBSCAN of the neighbours' responses
-  (step 4). Expensive; cached as .npz keyed by the embeddings' content, K, eps and the search method.
+* :func:`prepare_neighbourhoods` (defined in :mod:`safealign.isaac.prepare`) - context top-K
+  (step 3) and DBSCAN of the neighbours' responses (step 4). Expensive; cached as .npz keyed by
+  the embeddings' content, K, eps and the search method.
 * :func:`draw_targets` - clipping, SI, sharpening, keep-original and M draws (steps 5-9),
   vectorised over all contexts.
 
@@ -18,128 +19,29 @@ Behaviour on awkward data (documented decisions):
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from safealign.errors import DataError
-from safealign.io import atomic_path, stable_hash
 from safealign.isaac import sharpen
-from safealign.isaac.cluster import dbscan_neighbourhoods
-from safealign.isaac.neighbours import topk_cosine, topk_faiss
+from safealign.isaac.prepare import Neighbourhoods, prepare_neighbourhoods
 from safealign.types import MultiTargetExample
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Neighbourhoods", "SamplerResult", "as_multi_target", "check_texts", "draw_targets",
-           "original_mask", "prepare_neighbourhoods", "sample_pseudo_responses"]
-
-
-@dataclass
-class Neighbourhoods:
-    """The expensive, tau-independent part of Alg. 1 (l.9-13), computed once per (embeddings, K, eps)."""
-
-    neigh_idx: np.ndarray  # (N, K) int64 context neighbours, closest first, self included
-    sims: np.ndarray  # (N, K) float32 cosine similarities
-    labels: np.ndarray  # (N, K) int32 DBSCAN labels of the neighbours' responses
-    k: int
-    eps: float
-    method: str
-    key: str = ""
-
-
-def _digest(a: np.ndarray) -> str:
-    a = np.ascontiguousarray(a, dtype=np.float32)
-    h = hashlib.sha256(f"{a.shape}".encode())
-    h.update(memoryview(a).cast("B"))
-    return h.hexdigest()[:16]
-
-
-def _load_cached(path: Path, key: str, n: int, k: int) -> Neighbourhoods | None:
-    """The cached neighbourhoods, or None if missing, corrupt or not for these inputs."""
-    if not path.exists():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {name: z[name] for name in ("neigh_idx", "sims", "labels", "key", "meta")}
-        ok = (str(arrays["key"]) == key and arrays["neigh_idx"].shape == (n, k)
-              and arrays["labels"].shape == (n, k) and arrays["sims"].shape == (n, k)
-              and 0 <= arrays["neigh_idx"].min() and arrays["neigh_idx"].max() < n
-              and 0 <= arrays["labels"].min() and arrays["labels"].max() < k)
-        if not ok:
-            raise ValueError("content does not match the inputs")
-    except Exception as e:  # noqa: BLE001 - any unreadable cache is recomputed, never used
-        log.warning("ignoring neighbourhood cache %s (%s); recomputing", path, e)
-        return None
-    eps, method = str(arrays["meta"][0]), str(arrays["meta"][1])
-    return Neighbourhoods(arrays["neigh_idx"].astype(np.int64), arrays["sims"],
-                          arrays["labels"].astype(np.int32), k, float(eps), method, key)
-
-
-def _save(path: Path, nb: Neighbourhoods) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, neigh_idx=nb.neigh_idx, sims=nb.sims, labels=nb.labels, key=np.array(nb.key),
-                 meta=np.array([repr(nb.eps), nb.method]))
-
-
-def prepare_neighbourhoods(
-    ctx_emb: np.ndarray,
-    resp_emb: np.ndarray,
-    *,
-    k: int = 150,
-    eps: float = 0.22,
-    neighbours: str = "exact",
-    normalise_responses: bool = False,
-    batch_size: int = 256,
-    faiss_params: dict | None = None,
-    cache_dir: str | Path | None = None,
-) -> Neighbourhoods:
-    """Context top-K (B.2 step 3) and DBSCAN of the neighbours' responses (step 4), cached.
-
-    Args:
-        ctx_emb, resp_emb: Embeddings of contexts and responses, Shape: (N, d) each.
-        k: Neighbours per context, self included; clamped to N (with a warning) if larger.
-        eps: DBSCAN radius on (un-normalised, unless ``normalise_responses``) response vectors.
-        neighbours: "exact" (blocked cosine) or "ivf" / "hnsw" (FAISS, approximate).
-        batch_size: Contexts per DBSCAN batch.
-        faiss_params: Extra keyword arguments for :func:`topk_faiss`.
-        cache_dir: Directory for the .npz cache (keyed by the embeddings' content, K, eps, method).
-
-    Returns:
-        Neighbourhoods.
-    """
-    if len(ctx_emb) != len(resp_emb):
-        raise DataError("embeddings", f"{len(ctx_emb)} context rows but {len(resp_emb)} response rows")
-    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
-        raise ValueError(f"k must be an integer >= 1, got {k!r}")
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
-    n = len(ctx_emb)
-    if k > n:
-        log.warning("k=%d neighbours but only %d rows: using k=%d", k, n, n)
-        k = n
-    faiss_params = dict(faiss_params or {})
-    key = stable_hash("isaac-neighbourhoods-v1", _digest(ctx_emb), _digest(resp_emb), k, eps,
-                      neighbours, normalise_responses, faiss_params)
-    path = Path(cache_dir) / f"neighbourhoods-{key}.npz" if cache_dir else None
-    if path is not None and (nb := _load_cached(path, key, n, k)) is not None:
-        return nb
-    if neighbours == "exact":
-        idx, sims = topk_cosine(ctx_emb, k)
-    elif neighbours in ("ivf", "hnsw"):
-        idx, sims = topk_faiss(ctx_emb, k, method=neighbours, **faiss_params)
-    else:
-        raise ValueError(f"neighbours must be 'exact', 'ivf' or 'hnsw', got {neighbours!r}")
-    labels = dbscan_neighbourhoods(resp_emb, idx, eps, batch_size=batch_size,
-                                   normalise=normalise_responses)
-    nb = Neighbourhoods(idx, sims, labels, k, float(eps), neighbours, key)
-    if path is not None:
-        _save(path, nb)
-    return nb
+__all__ = [
+    "Neighbourhoods",
+    "SamplerResult",
+    "as_multi_target",
+    "check_texts",
+    "draw_targets",
+    "original_mask",
+    "prepare_neighbourhoods",
+    "sample_pseudo_responses",
+]
 
 
 @dataclass
@@ -167,7 +69,8 @@ class SamplerResult:
             "mean_si": float(si.mean()) if len(si) else float("nan"),
             "mean_head_share": float(self.head_share.mean()),
             "target_is_original_rate": float(
-                (self.targets == np.arange(len(self.targets))[:, None]).mean()),
+                (self.targets == np.arange(len(self.targets))[:, None]).mean()
+            ),
         }
 
 
@@ -175,8 +78,11 @@ def check_texts(texts: Sequence[str], what: str) -> None:
     """Raise DataError naming the first empty/whitespace-only (or non-string) row."""
     for i, t in enumerate(texts):
         if not isinstance(t, str) or not t.strip():
-            raise DataError(what, f"row {i} is empty or not a string ({t!r}); drop it before "
-                                  "sampling (a pseudo target must be a non-empty response)")
+            raise DataError(
+                what,
+                f"row {i} is empty or not a string ({t!r}); drop it before "
+                "sampling (a pseudo target must be a non-empty response)",
+            )
 
 
 def original_mask(nb: Neighbourhoods, responses: Sequence[str]) -> np.ndarray:
@@ -188,22 +94,35 @@ def original_mask(nb: Neighbourhoods, responses: Sequence[str]) -> np.ndarray:
 
 
 def _cluster_table(labels: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per row: sizes of all clusters by label, and the labels + sizes of the top_k largest
-    (size desc, ties by label = first-encounter order, as Counter.most_common)."""
+    """Per row: sizes of all clusters by label (N, C), and the labels + sizes of the top_k
+    largest (size desc, ties by label = first-encounter order, as Counter.most_common)."""
     n, k = labels.shape
-    counts = np.bincount((labels + np.arange(n)[:, None] * k).ravel(), minlength=n * k)
-    counts = counts.reshape(n, k)
-    # argsort of -count is stable, so equal sizes stay in label (first-encounter) order
-    order = np.argsort(-counts, axis=1, kind="stable")[:, :top_k]
+    c = int(labels.max()) + 1  # labels are 0..C_i-1 per row; C = the most clusters of any row
+    counts = np.bincount((labels + np.arange(n)[:, None] * c).ravel(), minlength=n * c)
+    counts = counts.reshape(n, c).astype(np.int32)
+    # a stable ascending argsort of (K - count) keeps equal sizes in label (first-encounter) order
+    order = np.argsort((k - counts).astype(_small(k + 1)), axis=1, kind="stable")[:, :top_k]
+    if order.shape[1] < top_k:  # fewer clusters than top_k everywhere: pad with empty ones
+        pad = np.zeros((n, top_k - order.shape[1]), dtype=order.dtype)
+        order = np.concatenate([order, pad], axis=1)
+        sizes = np.take_along_axis(counts, order, axis=1)
+        sizes[:, c:] = 0
+        return counts, order, sizes
     return counts, order, np.take_along_axis(counts, order, axis=1)
 
 
-def _members(labels: np.ndarray, counts: np.ndarray, cluster: np.ndarray, j: np.ndarray) -> np.ndarray:
+def _small(bound: int) -> type:
+    """Narrowest integer dtype for values < bound: numpy's stable argsort radix-sorts <= 16 bits."""
+    return np.uint8 if bound <= 256 else np.int16 if bound < 2**15 else np.int64
+
+
+def _members(
+    labels: np.ndarray, counts: np.ndarray, cluster: np.ndarray, j: np.ndarray
+) -> np.ndarray:
     """Neighbour position of the j-th member (neighbour order) of ``cluster`` per (row, draw)."""
-    n, k = labels.shape
-    perm = np.argsort(labels, axis=1, kind="stable")  # members grouped by label, in list order
-    starts = np.cumsum(counts, axis=1) - counts
-    rows = np.arange(n)[:, None]
+    perm = np.argsort(labels.astype(_small(counts.shape[1])), axis=1, kind="stable")
+    starts = np.cumsum(counts, axis=1) - counts  # where each label's members start in perm
+    rows = np.arange(len(labels))[:, None]
     return perm[rows, starts[rows, cluster] + j]
 
 
@@ -263,8 +182,17 @@ def draw_targets(
         si=sharpen.si_batch(top_sizes, n_kept, eps),
         kept_original=fired,
         head_share=top_sizes[:, 0] / k,
-        params=dict(k=nb.k, eps_dbscan=nb.eps, top_k=top_k, top_p=top_p, tau=tau, mode=mode,
-                    m=m, keep_original=keep_original, eps=eps),
+        params=dict(
+            k=nb.k,
+            eps_dbscan=nb.eps,
+            top_k=top_k,
+            top_p=top_p,
+            tau=tau,
+            mode=mode,
+            m=m,
+            keep_original=keep_original,
+            eps=eps,
+        ),
     )
 
 
@@ -303,14 +231,27 @@ def sample_pseudo_responses(
         raise DataError("corpus", f"{len(contexts)} contexts but {len(responses)} responses")
     check_texts(responses, "responses")
     sharpen.check_params(tau=tau, top_k=top_k, top_p=top_p, mode=mode, m=m)
-    nb = prepare_neighbourhoods(ctx_emb, resp_emb, k=k, eps=eps, neighbours=neighbours,
-                                cache_dir=cache_dir)
-    return draw_targets(nb, original_mask(nb, responses), top_k=top_k, top_p=top_p, tau=tau,
-                        mode=mode, m=m, keep_original=keep_original, rng=rng)
+    nb = prepare_neighbourhoods(
+        ctx_emb, resp_emb, k=k, eps=eps, neighbours=neighbours, cache_dir=cache_dir
+    )
+    return draw_targets(
+        nb,
+        original_mask(nb, responses),
+        top_k=top_k,
+        top_p=top_p,
+        tau=tau,
+        mode=mode,
+        m=m,
+        keep_original=keep_original,
+        rng=rng,
+    )
 
 
-def as_multi_target(contexts: Sequence[str], responses: Sequence[str],
-                    result: SamplerResult) -> list[MultiTargetExample]:
+def as_multi_target(
+    contexts: Sequence[str], responses: Sequence[str], result: SamplerResult
+) -> list[MultiTargetExample]:
     """Turn sampled indices into MultiTargetExample records (B.2 step 10)."""
-    return [MultiTargetExample(context=c, targets=tuple(responses[t] for t in row), original=r)
-            for c, r, row in zip(contexts, responses, result.targets.tolist(), strict=True)]
+    return [
+        MultiTargetExample(context=c, targets=tuple(responses[t] for t in row), original=r)
+        for c, r, row in zip(contexts, responses, result.targets.tolist(), strict=True)
+    ]

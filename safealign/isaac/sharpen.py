@@ -30,8 +30,15 @@ MODES = ("paper", "code", "exp", "wta", "random")
 EPS = 1e-3  # Eq. 1's epsilon (the paper and the code both use 1e-3)
 
 
-def check_params(*, tau: float = 1.0, eps: float = EPS, top_k: int = 1,
-                 top_p: float | None = None, mode: str = "paper", m: int = 1) -> None:
+def check_params(
+    *,
+    tau: float = 1.0,
+    eps: float = EPS,
+    top_k: int = 1,
+    top_p: float | None = None,
+    mode: str = "paper",
+    m: int = 1,
+) -> None:
     """Raise ConfigError naming the first invalid sampling parameter."""
     if not tau > 0:
         raise ConfigError("tau", f"the sharpening temperature must be > 0, got {tau}")
@@ -83,8 +90,9 @@ def si_batch(sorted_sizes: np.ndarray, n_kept: np.ndarray, eps: float = EPS) -> 
     return (n1 - n2) / np.maximum(n1 - n_last, eps)
 
 
-def probs_batch(sorted_sizes: np.ndarray, n_kept: np.ndarray, tau: float, mode: str,
-                eps: float = EPS) -> np.ndarray:
+def probs_batch(
+    sorted_sizes: np.ndarray, n_kept: np.ndarray, tau: float, mode: str, eps: float = EPS
+) -> np.ndarray:
     """Sampling distribution over each row's size-sorted clusters; zero beyond ``n_kept`` (B.2 step 8)."""
     check_params(tau=tau, eps=eps, mode=mode)
     s = np.asarray(sorted_sizes, dtype=np.float64)
@@ -127,8 +135,9 @@ def sensitive_indicator(sizes: np.ndarray, eps: float = EPS) -> float:
     return float(si_batch(s, np.array([s.shape[1]]), eps)[0])
 
 
-def cluster_probs(sizes: np.ndarray, tau: float = 1.0, mode: str = "paper",
-                  eps: float = EPS) -> np.ndarray:
+def cluster_probs(
+    sizes: np.ndarray, tau: float = 1.0, mode: str = "paper", eps: float = EPS
+) -> np.ndarray:
     """Sampling probabilities of the given (already clipped) clusters, aligned with ``sizes``.
 
     Ties for "wta" go to the first largest cluster, as ``Counter.most_common(1)`` does.

@@ -12,11 +12,14 @@ _MARKERS = {"safe": "o", "unsafe": "X", "evasive": "^"}
 
 
 def pick_context(labels: np.ndarray, unsafe_of_neighbour: np.ndarray) -> int:
-    """A context worth drawing: most clusters among those whose neighbours mix safe and unsafe."""
+    """A readable context to draw: its neighbours mix safe and unsafe responses, and its cluster
+    count is the median of such contexts (falls back to context 0 if none mixes)."""
     n_unsafe = unsafe_of_neighbour.sum(axis=1)
-    mixed = (n_unsafe > 0) & (n_unsafe < labels.shape[1])
-    score = (labels.max(axis=1) + 1) * mixed + mixed * 1000
-    return int(np.argmax(score))
+    mixed = np.flatnonzero((n_unsafe > 0) & (n_unsafe < labels.shape[1]))
+    if not len(mixed):
+        return 0
+    n_clusters = labels[mixed].max(axis=1) + 1
+    return int(mixed[np.argsort(n_clusters, kind="stable")[len(mixed) // 2]])
 
 
 def plot_neighbourhood(
@@ -47,8 +50,9 @@ def plot_neighbourhood(
     from sklearn.manifold import TSNE
 
     k = len(emb)
-    xy = TSNE(n_components=2, perplexity=min(30.0, max(2.0, (k - 1) / 3)), init="pca",
-              random_state=seed).fit_transform(np.asarray(emb, dtype=np.float64))
+    xy = TSNE(
+        n_components=2, perplexity=min(30.0, max(2.0, (k - 1) / 3)), init="pca", random_state=seed
+    ).fit_transform(np.asarray(emb, dtype=np.float64))
     sizes = np.bincount(cluster_labels)
     rank = np.empty_like(sizes)
     rank[np.argsort(-sizes, kind="stable")] = np.arange(len(sizes))
@@ -60,10 +64,20 @@ def plot_neighbourhood(
             if not sel.any():
                 continue
             colour = cmap(rank[c] % 10) if rank[c] < max_colours else (0.7, 0.7, 0.7, 1.0)
-            ax.scatter(xy[sel, 0], xy[sel, 1], color=colour, marker=_MARKERS.get(lab, "s"),
-                       s=40 if lab == "safe" else 70, edgecolors="black", linewidths=0.3)
-    handles = [plt.Line2D([], [], marker=m, linestyle="", color="black", label=lab)
-               for lab, m in _MARKERS.items() if lab in safety]
+            ax.scatter(
+                xy[sel, 0],
+                xy[sel, 1],
+                color=colour,
+                marker=_MARKERS.get(lab, "s"),
+                s=40 if lab == "safe" else 70,
+                edgecolors="black",
+                linewidths=0.3,
+            )
+    handles = [
+        plt.Line2D([], [], marker=m, linestyle="", color="black", label=lab)
+        for lab, m in _MARKERS.items()
+        if lab in safety
+    ]
     ax.legend(handles=handles, title="gold label", loc="best")
     ax.set_title(title or "context neighbours' responses (colour = DBSCAN cluster)", fontsize=9)
     ax.set_xticks([])

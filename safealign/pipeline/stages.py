@@ -8,12 +8,13 @@ preference stage reuses the same SFT stage.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
-import lightning.pytorch as L
 from omegaconf import DictConfig, OmegaConf
 
 from safealign.pipeline.store import ArtifactStore
+from safealign.utils import seed_everything
 
 log = logging.getLogger("safealign.pipeline")
 REPLACED = ("data", "method", "model")
@@ -42,7 +43,17 @@ def stage_key(cfg: DictConfig) -> dict:
     c.get("trainer", {}).pop("callbacks", None)
     c.get("trainer", {}).pop("logger", None)
     c.get("trainer", {}).pop("enable_progress_bar", None)
-    return c
+    return _drop_cache_dirs(c)
+
+
+def _drop_cache_dirs(obj):
+    # Caches (tokenizers, reference log-probs) are content-keyed: where they live never changes a
+    # stage's outputs, so a fresh clone elsewhere or a tmp cache dir reuses the same artefacts.
+    if isinstance(obj, dict):
+        return {k: _drop_cache_dirs(v) for k, v in obj.items() if k != "cache_dir"}
+    if isinstance(obj, list):
+        return [_drop_cache_dirs(v) for v in obj]
+    return obj
 
 
 def hf_model_config(path: Path) -> DictConfig:
@@ -58,15 +69,23 @@ def hf_model_config(path: Path) -> DictConfig:
 
 def run_init_stage(cfg: DictConfig) -> tuple[Path, str]:
     """Run (or reuse) the SFT stage described by `cfg.init`; returns its exported model dir."""
+    out, status = run_fit_stage(cfg, "sft", stage_config(cfg, cfg.init))
+    return out / "model", status
+
+
+def run_fit_stage(
+    cfg: DictConfig, stage: str, scfg: DictConfig, key_fn: Callable[[dict], dict] | None = None
+) -> tuple[Path, str]:
+    """Fit `scfg` (a stage config) in the artefact store under `stage`; returns (stage dir,
+    "reused" | "computed"). `key_fn` may rewrite the key (e.g. input paths -> their hashes)."""
     from safealign.run import fit  # local: run imports this module
 
-    scfg = stage_config(cfg, cfg.init)
     store = ArtifactStore(cfg.paths.artifacts_dir)
 
     def compute(tmp: Path) -> None:
         s = OmegaConf.merge(scfg, {"paths": {"output_dir": str(tmp)}})
-        L.seed_everything(s.seed, workers=True)
+        seed_everything(s.seed)
         fit(s, tmp)
 
-    out, status = store.get_or_compute("sft", stage_key(scfg), compute)
-    return out / "model", status
+    key = stage_key(scfg)
+    return store.get_or_compute(stage, key_fn(key) if key_fn else key, compute)
