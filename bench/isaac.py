@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> None:
     rows = []
     for n in sizes:
         rows.append(measure(n, args))
-        print(f"  N={n} done", flush=True)
+        print(table(rows[-1:], args.ann).splitlines()[-1], flush=True)  # partial results
     print()
     print(table(rows, args.ann))
     ns = [r["n"] for r in rows]

@@ -8,6 +8,10 @@ first column block, a column can only enter a row's top-K if its similarity is >
 current K-th best, so each later block costs one comparison pass plus a merge of the few
 candidates; the matrix product itself is the floor (2*N^2*d flops, see bench/isaac.py).
 
+The products use numpy's OpenBLAS sgemm: on this project's 2-core CPU it measured 178 GFLOP/s
+(8192 x 8192 x 384) against 106 for ``torch.matmul``. Row blocks run on ``workers`` threads with
+single-threaded BLAS each, so the (single-threaded) selection passes run in parallel too.
+
 Ties are broken by index (the smaller index wins) everywhere, so results do not depend on block
 sizes or thread timing: each (similarity, index) pair is packed into one int64 key that orders by
 similarity, then by the smaller index.
@@ -227,10 +231,10 @@ def _exact_rows(x: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np
 def _ivf_tasks(x: np.ndarray, k: int, rows: int, seed: int, **params: int) -> list:
     """IVF probing with a FAISS spherical k-means coarse quantiser, scanned as blocked GEMMs.
 
-    Queries are grouped by their nearest centroid (their list). A group is scanned exactly
-    against the members of the ``nprobe`` lists nearest to its centroid plus every query's two
-    nearest lists (for queries near a list boundary). Scanning a group at once turns FAISS's
-    one-query-at-a-time list scans (memory-bound) into matrix products."""
+    Queries are grouped by their nearest centroid (their list); a group is scanned exactly against
+    the members of the ``nprobe`` lists nearest to its centroid (list-level probing; a query near
+    a list boundary finds the neighbouring list among its own list's nearest). Scanning a group
+    at once turns FAISS's one-query-at-a-time list scans (memory-bound) into matrix products."""
     import faiss
 
     n, d = x.shape
@@ -240,17 +244,16 @@ def _ivf_tasks(x: np.ndarray, k: int, rows: int, seed: int, **params: int) -> li
     train = x if n_train == n else x[np.random.default_rng(seed).choice(n, n_train, replace=False)]
     km = faiss.Kmeans(d, nlist, niter=int(params.get("niter", 10)), seed=seed, spherical=True)
     km.train(train)
-    _, probes = km.index.search(x, min(2, nlist))  # each query's two nearest lists
+    _, home = km.index.search(x, 1)  # each query's list
     _, near = km.index.search(km.centroids, nprobe)  # each list's nprobe nearest lists
-    order = np.argsort(probes[:, 0], kind="stable")
-    bounds = np.searchsorted(probes[order, 0], np.arange(nlist + 1))
+    order = np.argsort(home[:, 0], kind="stable")
+    bounds = np.searchsorted(home[order, 0], np.arange(nlist + 1))
     members = [order[bounds[c] : bounds[c + 1]] for c in range(nlist)]
     tasks = []
     for c, q in enumerate(members):
         if not len(q):
             continue
-        lists = np.union1d(near[c], probes[q])
-        cand = np.sort(np.concatenate([members[j] for j in lists]))
+        cand = np.sort(np.concatenate([members[j] for j in np.union1d(near[c], [c])]))
         cand = cand if len(cand) >= k else None  # too few candidates: scan everything
         tasks += [(q[r0 : r0 + rows], cand) for r0 in range(0, len(q), rows)]
     return tasks
