@@ -152,6 +152,6 @@ def starts_script_subprocesses(strategy: Any, devices: Any, num_nodes: Any = 1) 
         return False
     if isinstance(devices, (list, tuple)) or hasattr(devices, "__len__") and not isinstance(devices, str):
         devices = len(devices)
-    if not isinstance(devices, int) or not isinstance(num_nodes, int):
-        return True  # "auto" / "-1": may well be more than one process
+    if not isinstance(devices, int) or not isinstance(num_nodes, int) or devices == -1:
+        return True  # "auto" / -1 (all devices): may well be more than one process
     return devices * num_nodes > 1

@@ -3,8 +3,8 @@
 * `WandbFinish`: one `wandb.finish()` per job, so every sweep point is its own W&B run (without
   it, jobs that share a process log into the first job's run: lightning-hydra-template#289,
   wandb#1314).
-* `MultirunGuard`: checks before the sweeper launches anything, so a bad sweep fails with one
-  clear error instead of N failed (or N submitted-then-failed SLURM) jobs:
+* `MultirunGuard`: checks before the sweeper launches anything, so a bad sweep stops with one
+  clear error (exit status 2) instead of N failed (or N submitted-then-failed SLURM) jobs:
   every swept key and value composes; no re-executing DDP inside a local multirun; an explicit
   `ckpt_path` belongs to this model.
 
@@ -20,7 +20,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from safealign.errors import ConfigError
+from safealign.errors import ConfigError, SafealignError
 
 MAX_COMBINATIONS = 64  # beyond this, each swept key is checked on its own (others at 1st value)
 
@@ -39,9 +39,15 @@ class WandbFinish(Callback):
 
 class MultirunGuard(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        check_parallel_strategy(config)
-        check_sweep_composes(config, kwargs.get("config_name") or "train")
-        check_explicit_checkpoint(config)
+        try:
+            check_parallel_strategy(config)
+            check_sweep_composes(config, kwargs.get("config_name") or "train")
+            check_explicit_checkpoint(config)
+        except SafealignError as e:
+            # Hydra 1.3 turns an Exception raised in a callback into a warning and launches the
+            # sweep anyway (hydra/_internal/callbacks.py); only a BaseException stops it here.
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
 
 
 def check_parallel_strategy(config: DictConfig) -> None:
@@ -134,7 +140,8 @@ def sweep_points(axes: dict[str, list[str]], limit: int = MAX_COMBINATIONS) -> l
         combos = itertools.product(*axes.values())
         return [[f"{k}={v}" for k, v in zip(keys, combo, strict=True)] for combo in combos]
     first = {k: vals[0] for k, vals in axes.items()}
-    return [[f"{j}={v if j == k else first[j]}" for j in keys] for k in keys for v in axes[k]]
+    points = [[f"{j}={v if j == k else first[j]}" for j in keys] for k in keys for v in axes[k]]
+    return [p for i, p in enumerate(points) if p not in points[:i]]  # the all-first point once
 
 
 def check_overrides_compose(config_name: str, points: list[list[str]]) -> None:
@@ -168,6 +175,6 @@ def check_explicit_checkpoint(config: DictConfig) -> None:
     from safealign.resume import check_checkpoint, run_fingerprint
 
     path = Path(str(value)).expanduser()
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError("ckpt_path", f"checkpoint {path} does not exist")
     check_checkpoint(path, run_fingerprint(config))

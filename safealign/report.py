@@ -6,7 +6,8 @@ One row per job (every `<dir>/**/.hydra/overrides.yaml`): the overrides that dif
 (constant ones go to the table's header) and the job's final metrics from `metrics.json`; a job
 without `metrics.json` is listed with status `missing` (failed, or still running). Writes
 `report.csv`, `report.md` and `report.png` (first metric against the first numeric swept key, one
-line per value of the second swept key) into the multirun directory, atomically.
+line per value of the second swept key; default metric: the sweep's `optimized_metric`, else
+val/loss) into the multirun directory, atomically.
 """
 
 from __future__ import annotations
@@ -150,8 +151,18 @@ def report(root: str | Path, patterns: tuple[str, ...] = DEFAULT_METRICS, metric
     if metric is not None and metric not in names:
         raise DataError(root, f"metric {metric!r} is in no job's metrics.json; have {names}")
     if names:
-        plot(rows, swept, metric or names[0], root)
+        plot(rows, swept, metric or _default_metric(root, names), root)
     return rows
+
+
+def _default_metric(root: Path, names: list[str]) -> str:
+    """The sweep's `optimized_metric` (from multirun.yaml) if the jobs logged it, else the first."""
+    path = root / "multirun.yaml"
+    if path.exists():
+        cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if cfg.get("optimized_metric") in names:
+            return cfg["optimized_metric"]
+    return "val/loss" if "val/loss" in names else names[0]
 
 
 def main(argv: list[str] | None = None) -> int:

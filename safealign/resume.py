@@ -227,12 +227,16 @@ def newest_checkpoint(ckpt_dir: Path, run_dir: Path) -> Path | None:
 
 def check_checkpoint(path: Path, fingerprint: dict[str, Any]) -> None:
     """ConfigError unless `path` is a readable Lightning checkpoint of the same model."""
-    try:  # mmap: no need to read gigabytes of weights to look at the keys
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # any unreadable file gets the same clear message
-        raise ConfigError("ckpt_path", f"{path} is not a readable checkpoint: {e}") from e
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "loops" not in ckpt:
-        raise ConfigError("ckpt_path", f"{path} is not a Lightning training checkpoint")
+    if path.is_dir():  # DeepSpeed writes a directory of shards ("<name>.ckpt/checkpoint/...")
+        if not (path / "checkpoint").is_dir():
+            raise ConfigError("ckpt_path", f"{path} is a directory but not a DeepSpeed checkpoint")
+    else:
+        try:  # mmap: no need to read gigabytes of weights to look at the keys
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # any unreadable file gets the same clear message
+            raise ConfigError("ckpt_path", f"{path} is not a readable checkpoint: {e}") from e
+        if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "loops" not in ckpt:
+            raise ConfigError("ckpt_path", f"{path} is not a Lightning training checkpoint")
     side = path.parent / FINGERPRINT
     if not side.exists():
         log.warning("%s has no %s beside it: cannot verify it belongs to this model", path, FINGERPRINT)
@@ -269,7 +273,7 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
                                            "use ckpt_path=auto to start fresh when there is none")
     elif value not in (None, "", "null"):
         path = Path(str(value)).expanduser()
-        if not path.is_file():
+        if not path.exists():
             raise ConfigError("ckpt_path", f"checkpoint {path} does not exist")
     if path is not None:
         check_checkpoint(path, fingerprint)

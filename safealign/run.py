@@ -31,13 +31,13 @@ def build(cfg: DictConfig):
     return datamodule, tokenizer, module, trainer
 
 
-def fit(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
+def fit(cfg: DictConfig, out_dir: Path, ckpt_path: str | None = None) -> dict[str, float]:
     """Build, fit, export into `out_dir`; returns the final metrics (also in metrics.json)."""
     datamodule, _, module, trainer = build(cfg)
     hparams = resolved_config(cfg)
     for lg in trainer.loggers:
         lg.log_hyperparams(hparams)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = finish_run(cfg, module, datamodule, trainer, out_dir)
     write_json(out_dir / "metrics.json", metrics)
     return metrics
@@ -52,6 +52,11 @@ def train(cfg: DictConfig) -> float | None:
     OmegaConf.resolve(cfg.paths)  # freeze hydra-runtime paths before stages copy the config
     if cfg.get("pipeline"):  # a multi-stage run (the ADPO pipeline) drives its own stages
         return instantiate(cfg.pipeline)(cfg).objective
+    from safealign.resume import (
+        resolve_ckpt_path,  # imports Lightning: after the cached-pipeline exit
+    )
+
+    ckpt_path = resolve_ckpt_path(cfg)  # checked against this run's model before any work
     if cfg.get("init"):
         from safealign.pipeline.stages import hf_model_config, run_init_stage
 
@@ -61,7 +66,7 @@ def train(cfg: DictConfig) -> float | None:
             cfg.model = hf_model_config(model_dir)
     record_run(cfg, out_dir)
     seed_everything(cfg.seed)
-    metrics = fit(cfg, out_dir)
+    metrics = fit(cfg, out_dir, ckpt_path)
     log.info("outputs in %s", out_dir)
     metric = cfg.get("optimized_metric")
     return metrics.get(metric) if metric else None

@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from safealign.errors import ConfigError, DataError
-from safealign.hydra_callbacks import WandbFinish, check_parallel_strategy
+from safealign.hydra_callbacks import MultirunGuard, WandbFinish, check_parallel_strategy
 from safealign.report import collect, main, report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,6 +82,16 @@ def test_guard_refuses_re_executing_ddp_inside_a_local_multirun():
     check_parallel_strategy(_cfg("strategy=ddp_spawn", "trainer.devices=2", "hydra/sweeper=optuna"))
     check_parallel_strategy(_cfg("strategy=ddp", "trainer.devices=1"))
     check_parallel_strategy(_cfg("strategy=ddp", "launcher=slurm"))  # SLURM starts the ranks
+
+
+def test_guard_stops_the_multirun_with_a_clear_error(capsys):
+    # a callback's Exception only becomes a warning in Hydra 1.3: the guard must exit instead
+    cfg = _cfg("strategy=ddp", "trainer.devices=2", "hydra/sweeper=optuna")
+    with pytest.raises(SystemExit) as exc:
+        MultirunGuard().on_multirun_start(config=cfg, config_name="train")
+    assert exc.value.code == 2 and "error: config key 'trainer.strategy'" in capsys.readouterr().err
+    MultirunGuard().on_multirun_start(config=_cfg("strategy=ddp_spawn", "trainer.devices=2"),
+                                      config_name="train")
 
 
 @pytest.mark.parametrize(
@@ -190,6 +200,6 @@ def test_unknown_sweep_key_fails_before_any_job_is_submitted(tmp_path: Path):
     sweep_dir = tmp_path / "bad"
     res = _run(["-m", "experiment=adpo_builtin", "method.loss.gammma=0.1,0.2",
                 "launcher=submitit_local", f"hydra.sweep.dir={sweep_dir}"], tmp_path)
-    assert res.returncode != 0
-    assert "gammma" in res.stderr and "does not compose" in res.stderr
-    assert not (sweep_dir / ".submitit").exists() and not (sweep_dir / "0").exists()
+    assert res.returncode == 2, res.stderr[-3000:]  # the guard's exit, not a failed job
+    assert "error: config key 'hydra.sweeper.params'" in res.stderr and "gammma" in res.stderr
+    assert not sweep_dir.exists()  # stopped before the sweeper wrote or submitted anything

@@ -101,6 +101,17 @@ def test_resolve_null_auto_last_and_missing(tmp_path: Path):
         resolve_ckpt_path(_cfg(tmp_path, f"ckpt_path={tmp_path / 'junk.ckpt'}"))
 
 
+def test_deepspeed_checkpoint_directories(tmp_path: Path):
+    cfg = _cfg(tmp_path)
+    shards = tmp_path / "ds" / "last.ckpt"
+    (shards / "checkpoint").mkdir(parents=True)  # DeepSpeed's sharded layout
+    write_json(shards.parent / FINGERPRINT, run_fingerprint(cfg))
+    assert resolve_ckpt_path(_cfg(tmp_path, f"ckpt_path={shards}")) == str(shards)
+    (tmp_path / "plain_dir.ckpt").mkdir()
+    with pytest.raises(ConfigError, match="not a DeepSpeed checkpoint"):
+        resolve_ckpt_path(_cfg(tmp_path, f"ckpt_path={tmp_path / 'plain_dir.ckpt'}"))
+
+
 def test_auto_picks_the_newest_of_last_and_slurm_hpc(tmp_path: Path):
     cfg = _cfg(tmp_path, "ckpt_path=auto")
     fp = run_fingerprint(cfg)

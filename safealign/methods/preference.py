@@ -141,8 +141,9 @@ class PreferenceModule(BaseModule):
                 m["rewards/toxic"] = out.toxic_rewards.mean()
         on_step = split == "train"
         bs = policy.chosen.numel()
-        self.log_dict({f"{split}/{k}": v for k, v in m.items()}, on_step=on_step, on_epoch=True, batch_size=bs, prog_bar=False)
-        self.log(f"{split}/loss", loss.detach(), prog_bar=True, on_step=on_step, on_epoch=True, batch_size=bs)
+        kw = dict(on_step=on_step, on_epoch=True, batch_size=bs, sync_dist=not on_step)  # DDP: all ranks
+        self.log_dict({f"{split}/{k}": v for k, v in m.items()}, **kw)
+        self.log(f"{split}/loss", loss.detach(), prog_bar=True, **kw)
 
     def summarize(self, datamodule, out_dir) -> dict[str, float]:
         plot_kl({"this run": self.history}, Path(out_dir) / "kl.png")

@@ -23,9 +23,10 @@ class SFTModule(BaseModule):
         loss = self.per_example_loss(batch).mean()
         self.check_finite(loss, batch, batch_idx)
         bs = batch["index"].numel()
-        self.log(f"{split}/loss", loss, prog_bar=True, batch_size=bs, on_step=split == "train", on_epoch=True)
-        if split != "train":
-            self.log(f"{split}/ppl", loss.exp(), batch_size=bs, on_epoch=True)
+        sync = split != "train"  # DDP: epoch-level eval metrics over all ranks' shards
+        self.log(f"{split}/loss", loss, prog_bar=True, batch_size=bs, on_step=not sync, on_epoch=True, sync_dist=sync)
+        if sync:
+            self.log(f"{split}/ppl", loss.exp(), batch_size=bs, on_epoch=True, sync_dist=True)
         return loss
 
     def summarize(self, datamodule, out_dir) -> dict[str, float]:
