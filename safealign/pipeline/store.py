@@ -59,6 +59,7 @@ class ArtifactStore:
             log.info("stage %-10s reused   %s", stage, final)
             return final, "reused"
         if not rank_zero():  # take part in the (collective) computation, never commit
+            self.root.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=self.root) as tmp:
                 compute(Path(tmp))
             _wait_for(final / DONE)
@@ -67,6 +68,7 @@ class ArtifactStore:
             if (final / DONE).exists():  # another job computed it while we waited
                 log.info("stage %-10s reused   %s", stage, final)
                 return final, "reused"
+            final.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
             try:
                 compute(tmp)
