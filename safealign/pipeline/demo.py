@@ -179,6 +179,10 @@ def run_demo(cfg: DictConfig, seeds: list[int], **_: object) -> DemoResult:
             c.seed, c.paths.output_dir = int(seed), str(out_dir / f"seed{seed}")
         print(f"\n=== seed {seed} ===", flush=True)
         results.append(run_adpo_pipeline(c, **pipeline_settings(c)))
+    if cfg.get("isaac_demo"):  # issue 5: the ISAAC row (its own cached stages)
+        from safealign.pipeline.isaac_demo import run_isaac_demo
+
+        run_isaac_demo(cfg)
     seconds = time.perf_counter() - t0
     summary = write_summary(out_dir, results, seconds)
     return DemoResult(results, summary, seconds)

@@ -25,7 +25,7 @@ def stage_config(cfg: DictConfig, stage: DictConfig) -> DictConfig:
     """The run config with the stage's groups swapped in: `data`, `method` and `model` REPLACE the
     run's (their keys differ per class), `trainer` and anything else are merged as overrides."""
     base = OmegaConf.to_container(cfg, resolve=False)
-    for k in ("init", "pipeline"):
+    for k in ("init", "pipeline", "isaac_demo"):
         base.pop(k, None)
     stage = OmegaConf.to_container(stage, resolve=False)
     for group in REPLACED:
