@@ -78,9 +78,13 @@ class StepClock:
 
     def summary(self, warmup: int) -> dict[str, float]:
         if warmup < 1 or len(self.marks) <= warmup:
-            raise ValueError(f"need warmup >= 1 and more than {warmup} steps, got {len(self.marks)}")
+            raise ValueError(
+                f"need warmup >= 1 and more than {warmup} steps, got {len(self.marks)}"
+            )
         seconds = self.marks[-1] - self.marks[warmup - 1]
-        steps = [b - a for a, b in zip(self.marks[warmup - 1 : -1], self.marks[warmup:], strict=True)]
+        steps = [
+            b - a for a, b in zip(self.marks[warmup - 1 : -1], self.marks[warmup:], strict=True)
+        ]
         pairs, tokens = sum(self.pairs[warmup:]), sum(self.tokens[warmup:])
         cpu = self.cpu[-1] - self.cpu[warmup - 1]
         return {
@@ -122,7 +126,10 @@ def best_runs(runs: dict[str, list[dict]]) -> dict[str, dict]:
     """Per row, the run with the highest throughput (the least disturbed by other processes on
     the machine), with the WORST peak RSS over all its runs (memory is not a lucky draw)."""
     return {
-        name: {**max(rs, key=lambda r: r["pairs_per_s"]), "peak_rss_mb": max(r["peak_rss_mb"] for r in rs)}
+        name: {
+            **max(rs, key=lambda r: r["pairs_per_s"]),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
+        }
         for name, rs in runs.items()
     }
 
@@ -148,6 +155,22 @@ def load_average() -> tuple[float, float, float] | None:
         return os.getloadavg()
     except OSError:
         return None
+
+
+def wait_for_quiet(max_load: float | None, max_wait: float, poll: float = 10.0) -> float | None:
+    """Sleep until the 1-minute load average is below ``max_load`` (at most ``max_wait`` s).
+
+    Other processes on a small machine distort wall-clock rows far more than anything measured
+    here; waiting for a quiet moment is cheaper than many repeats. Returns the load at the start.
+    """
+    deadline = time.monotonic() + max_wait
+    while max_load is not None and time.monotonic() < deadline:
+        load = load_average()
+        if load is None or load[0] < max_load:
+            break
+        time.sleep(poll)
+    load = load_average()
+    return load[0] if load else None
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:

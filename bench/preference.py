@@ -1,6 +1,6 @@
 """safealign DPO/ADPO vs TRL DPOTrainer: training throughput and peak memory (issue 3).
 
-Run: .venv/bin/python bench/preference.py [--steps 30] [--warmup 3] [--repeats 1] [--smoke]
+Run: .venv/bin/python bench/preference.py [--repeats 2] [--max-load 1.5] [--steps 30] [--smoke]
 
 Every row trains the same config-built GPT-2 on the same built-in preference triples with the
 same batch size, max length, fp32, AdamW (lr, no weight decay, constant), grad clip 1.0, torch
@@ -10,6 +10,9 @@ DPOTrainer.train; both are timed by a callback at the end of every optimizer ste
 loading, hooks and logging are inside the step time. The first ``--warmup`` steps are excluded.
 Precomputed-reference rows report training throughput WITHOUT the one-time precompute, and the
 precompute time in its own column. Results also go to bench/results/preference.json.
+On a shared machine, wall time follows the other processes' load far more than anything measured
+here: use --repeats (best run kept per row) and --max-load (wait for a quiet moment per row); the
+CPU-time columns and the load at the start of each run (in the JSON) show how disturbed a run was.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from common import (
     markdown_table,
     peak_rss_mb,
     run_row,
+    wait_for_quiet,
 )
 
 HERE = Path(__file__).resolve()
@@ -88,7 +92,9 @@ def setup(cfg: Config, needs_toxic: bool):
     from safealign.types import Corpus, PreferenceExample
 
     torch.set_num_threads(cfg.threads)
-    n = cfg.batch_size * (cfg.warmup + cfg.steps)  # exactly one epoch: every row sees every pair once
+    n = cfg.batch_size * (
+        cfg.warmup + cfg.steps
+    )  # exactly one epoch: every row sees every pair once
     corpus = builtin_preferences(size=cfg.data_size, seed=cfg.seed)
     if len(corpus.train) < n:
         raise ValueError(f"--data-size {cfg.data_size} gives {len(corpus.train)} pairs, need {n}")
@@ -305,10 +311,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Confi
     p.add_argument("--row", choices=list(ROWS), help="internal: run one row in this process")
     p.add_argument("--config", help="internal: the parent's Config as JSON")
     p.add_argument("--smoke", action="store_true", help="tiny model, 2 steps: checks the plumbing")
-    p.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), help="subset to run")
+    p.add_argument(
+        "--rows", nargs="+", choices=list(ROWS), default=list(ROWS), help="subset to run"
+    )
     p.add_argument("--repeats", type=int, default=1, help="runs per row (interleaved); best kept")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per row process")
+    p.add_argument(
+        "--max-load", type=float, help="wait for a 1-min load average below this per row"
+    )
+    p.add_argument("--max-wait", type=float, default=600.0, help="longest wait for --max-load (s)")
     add_dataclass_args(p, Config)
     args = p.parse_args(argv)
     if args.config:
@@ -326,10 +338,11 @@ def main(argv: list[str] | None = None) -> None:
     extra = ["--config", json.dumps(dataclasses.asdict(cfg))]
     for rep in range(args.repeats):
         for name in args.rows[:: 1 if rep % 2 == 0 else -1]:  # alternate order: drift cancels
-            runs[name].append(run_row(HERE, name, extra, cfg.threads, args.timeout))
-            r = runs[name][-1]
-            print(f"[{rep + 1}/{args.repeats}] {name}: {r['pairs_per_s']:.2f} pairs/s, "
-                  f"peak {r['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)  # fmt: skip
+            load = wait_for_quiet(args.max_load, args.max_wait)
+            r = {**run_row(HERE, name, extra, cfg.threads, args.timeout), "load_at_start": load}
+            runs[name].append(r)
+            print(f"[{rep + 1}/{args.repeats}] {name}: {r['pairs_per_s']:.2f} pairs/s, peak "
+                  f"{r['peak_rss_mb']:.0f} MB (load {load})", file=sys.stderr, flush=True)  # fmt: skip
     best = best_runs(runs)
     check_same_work(best)
     ratios = compare(best)
@@ -337,15 +350,22 @@ def main(argv: list[str] | None = None) -> None:
     print(f"GPT-2 {cfg.n_layer}L/{cfg.n_embd}d/{cfg.n_head}h, {first['params']:,} parameters, vocab "
           f"{first['vocab']}; {cfg.batch_size} pairs/step, max_length {cfg.max_length}, fp32, "
           f"AdamW lr {cfg.lr}, {cfg.threads} threads, {cfg.steps} timed steps after {cfg.warmup} "
-          f"warm-up, best of {args.repeats}; load average {load_before} -> {load_average()}")  # fmt: skip
-    print("otf = reference model on the fly; otherwise reference log-probs precomputed once "
-          "(throughput excludes the precompute, shown in its own column)\n")
+          f"warm-up, best of {args.repeats}; 1/5/15-min load average {_load(load_before)} -> "
+          f"{_load(load_average())}")  # fmt: skip
+    print(
+        "otf = reference model on the fly; otherwise reference log-probs precomputed once "
+        "(throughput excludes the precompute, shown in its own column)\n"
+    )
     print(table(best, ratios))
     print("\n" + "\n".join(aims(ratios)))
     write_json(args.out, {"config": dataclasses.asdict(cfg), "repeats": args.repeats,
                           "load_average": [load_before, load_average()], "rows": best,
                           "ratios": ratios, "runs": runs})  # fmt: skip
     print(f"\nwrote {args.out}")
+
+
+def _load(load: tuple[float, float, float] | None) -> str:
+    return "n/a" if load is None else "/".join(f"{x:.2f}" for x in load)
 
 
 def check_same_work(best: dict[str, dict]) -> None:

@@ -69,7 +69,11 @@ def test_ratios_follow_from_the_rows(smoke):
     _, result = smoke
     rows, ratios = result["rows"], result["ratios"]
     got = ratios["safealign DPO otf"]["pairs_per_s_vs_trl"]
-    assert got == pytest.approx(rows["safealign DPO otf"]["pairs_per_s"] / rows["TRL DPO otf"]["pairs_per_s"])
+    assert got == pytest.approx(
+        rows["safealign DPO otf"]["pairs_per_s"] / rows["TRL DPO otf"]["pairs_per_s"]
+    )
     got = ratios["safealign ADPO"]["step_vs_dpo"]
-    assert got == pytest.approx(rows["safealign ADPO"]["step_ms_mean"] / rows["safealign DPO"]["step_ms_mean"])
+    assert got == pytest.approx(
+        rows["safealign ADPO"]["step_ms_mean"] / rows["safealign DPO"]["step_ms_mean"]
+    )
     assert ratios["TRL DPO"] == {}

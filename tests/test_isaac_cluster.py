@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from sklearn.cluster import DBSCAN
@@ -160,3 +165,40 @@ def test_topk_cosine_independent_of_blocking_and_threads():
         idx, sims = topk_cosine(x, 30, chunk_rows=chunk_rows, workers=workers)
         np.testing.assert_array_equal(idx, ref[0])
         np.testing.assert_array_equal(sims, ref[1])
+
+
+_KERNEL_SCRIPT = """
+import sys, numpy as np
+sys.path.insert(0, {root!r})
+from tests.test_isaac_cluster import _blobs
+from safealign.isaac.neighbours import topk_cosine
+x = _blobs(np.random.default_rng(6), 2300, 24, 8, 0.7)
+out = [topk_cosine(x, 30, chunk_rows=c, workers=w) for c, w in [(None, None), (7, 2), (1000, 1)]]
+np.savez({path!r}, **{{f"i{{j}}": o[0] for j, o in enumerate(out)}},
+         **{{f"s{{j}}": o[1] for j, o in enumerate(out)}})
+"""
+
+
+def _has_avx2() -> bool:
+    try:
+        return " avx2" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_avx2(), reason="the Haswell/Zen sgemm kernels need AVX2")
+def test_topk_cosine_independent_of_blocking_under_every_blas_kernel(tmp_path):
+    """The clean-machine failure: OpenBLAS's Haswell/Zen sgemm rounds differently per call shape
+    and thread split. Under each kernel, blocking and workers must not change a bit."""
+    root = str(Path(__file__).resolve().parents[1])
+    for kernel in ["Haswell", "Zen", None]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OPENBLAS_")}
+        if kernel:
+            env["OPENBLAS_CORETYPE"] = kernel
+        path = str(tmp_path / f"{kernel}.npz")
+        script = _KERNEL_SCRIPT.format(root=root, path=path)
+        subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=300)
+        res = np.load(path)
+        for j in (1, 2):
+            np.testing.assert_array_equal(res[f"i{j}"], res["i0"], err_msg=str(kernel))
+            np.testing.assert_array_equal(res[f"s{j}"], res["s0"], err_msg=str(kernel))

@@ -3,7 +3,7 @@
 The authors put L2-normalised context embeddings in ``faiss.IndexFlatIP`` and query every row for
 its K=150 nearest rows, i.e. exact cosine top-K over the whole corpus, the row itself included.
 :func:`topk_cosine` does the same exactly, without ever holding an N x N matrix: it multiplies
-row blocks by column blocks (each block <= ~256 MB) and keeps a running top-K per row. After the
+row blocks by column blocks (each block <= ~128 MB) and keeps a running top-K per row. After the
 first column block, a column can only enter a row's top-K if its similarity is >= that row's
 current K-th best, so each later block costs one comparison pass plus a merge of the few
 candidates; the matrix product itself is the floor (2*N^2*d flops, see bench/isaac.py).
@@ -12,9 +12,14 @@ The products use numpy's OpenBLAS sgemm: on this project's 2-core CPU it measure
 (8192 x 8192 x 384) against 106 for ``torch.matmul``. Row blocks run on ``workers`` threads with
 single-threaded BLAS each, so the (single-threaded) selection passes run in parallel too.
 
-Ties are broken by index (the smaller index wins) everywhere, so results do not depend on block
-sizes or thread timing: each (similarity, index) pair is packed into one int64 key that orders by
-similarity, then by the smaller index.
+Determinism. sgemm's rounding of an element depends on where it falls in the kernel's tiles and
+on how threads split the call (OpenBLAS's Haswell/Zen kernels give last-bit differences between
+block shapes, enough to reorder near-tied neighbours). So every product is one canonical call:
+global rows ``[t * _TILE_ROWS, (t + 1) * _TILE_ROWS)`` against a column block whose bounds depend
+on (N, K) only, always on single-threaded BLAS. ``chunk_rows`` (rounded to whole tiles) and
+``workers`` only group those calls, so they never change a bit of the result. Ties are broken by
+index (the smaller index wins) everywhere: each (similarity, index) pair is packed into one int64
+key that orders by similarity, then by the smaller index.
 
 :func:`topk_faiss` is the approximate alternative (HNSW or IVF) for very large corpora.
 """
@@ -30,8 +35,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-_BLOCK_BYTES = 256 * 2**20  # one similarity block (float32) stays <= ~256 MB
 _MAX_COLS = 16384  # widest column block
+_TILE_ROWS = 512  # rows per sgemm call: fixed, so results never depend on blocking (docstring)
+_TASK_ROWS = 2048  # default rows per task (selection granularity; a multiple of _TILE_ROWS)
 _LOW32 = np.int64(0xFFFFFFFF)
 _MIN_KEY = np.iinfo(np.int64).min
 
@@ -107,7 +113,9 @@ def _rowblock_topk(
     r = len(xr)
     state = np.full((r, k), _MIN_KEY, dtype=np.int64)
     for c0, c1 in blocks:
-        s = np.matmul(xr, x[c0:c1].T, out=_view(sbuf, r, c1 - c0))  # cosine block (r, c)
+        s = _view(sbuf, r, c1 - c0)  # cosine block (r, c), one canonical sgemm per row tile
+        for t0 in range(0, r, _TILE_ROWS):
+            np.matmul(xr[t0 : t0 + _TILE_ROWS], x[c0:c1].T, out=s[t0 : t0 + _TILE_ROWS])
         if c0 == 0:  # the first block has >= k columns: its k-th best value bounds the top-k
             thr = torch.topk(torch.from_numpy(s), k, dim=1, sorted=False).values.amin(dim=1)
             thr = thr.numpy()
@@ -125,7 +133,7 @@ def _rowblock_topk(
 def default_workers(workers: int | None) -> int:
     if workers is not None:
         return max(1, int(workers))
-    return max(1, min(2, len(os.sched_getaffinity(0))))
+    return max(1, min(8, len(os.sched_getaffinity(0))))
 
 
 @contextlib.contextmanager
@@ -153,10 +161,10 @@ def topk_cosine(
     Args:
         emb: Embeddings, Shape: (N, d); L2-normalised here (cosine = inner product).
         k: Neighbours per row, 1 <= k <= N.
-        chunk_rows: Rows per block (default: as many as keep one block <= ~256 MB).
-        workers: Row blocks processed in parallel, each with single-threaded BLAS, so the
-            selection work runs in parallel too (default: min(2, CPUs)). Results do not depend
-            on it.
+        chunk_rows: Rows per task, rounded up to whole sgemm tiles of ``_TILE_ROWS`` (default:
+            2048, about 170 MB of block buffers per worker). Results do not depend on it.
+        workers: Tasks processed in parallel, each with single-threaded BLAS, so the selection
+            work runs in parallel too (default: min(8, CPUs)). Results do not depend on it.
 
     Returns:
         ``(idx, sims)``: idx Shape: (N, k) int64, sims Shape: (N, k) float32, each row sorted by
@@ -171,7 +179,7 @@ def topk_cosine(
         raise ValueError(f"k must be >= 1, got {k}")
     if n < k:
         raise ValueError(f"k={k} neighbours requested but the corpus has only {n} rows; lower k")
-    rows = min(n, chunk_rows or _default_rows(n))
+    rows = _task_rows(n, chunk_rows)
     tasks = [(np.arange(r0, min(n, r0 + rows)), None) for r0 in range(0, n, rows)]
     keys = _run_tasks(x, k, tasks, rows, workers)
     keys = np.sort(keys, axis=1)[:, ::-1]  # descending key == (similarity desc, index asc)
@@ -179,8 +187,10 @@ def topk_cosine(
     return idx, np.ascontiguousarray(sims)
 
 
-def _default_rows(n: int) -> int:
-    return max(1, _BLOCK_BYTES // (4 * min(n, _MAX_COLS)))
+def _task_rows(n: int, chunk_rows: int | None) -> int:
+    """Rows per task: whole sgemm tiles, so every task starts on a tile boundary."""
+    tiles = -(-max(1, chunk_rows or _TASK_ROWS) // _TILE_ROWS)
+    return min(n, tiles * _TILE_ROWS)
 
 
 def _run_tasks(x: np.ndarray, k: int, tasks: list, rows: int, workers: int | None) -> np.ndarray:
@@ -204,7 +214,7 @@ def _run_tasks(x: np.ndarray, k: int, tasks: list, rows: int, workers: int | Non
         keys[q] = got
 
     workers = min(default_workers(workers), len(tasks))
-    with single_threaded_kernels(workers > 1):
+    with single_threaded_kernels(True):  # threaded sgemm would split calls run to run
         if workers > 1:
             with ThreadPoolExecutor(workers) as pool:
                 list(pool.map(run, tasks))
@@ -322,7 +332,7 @@ def topk_faiss(
         return _hnsw(x, k, **params)
     if method != "ivf":
         raise ValueError(f"method must be 'ivf' or 'hnsw', got {method!r}")
-    rows = _default_rows(n)
+    rows = _task_rows(n, None)
     keys = _run_tasks(x, k, _ivf_tasks(x, k, rows, seed, **params), rows, workers)
     idx, sims = _decode(np.sort(keys, axis=1)[:, ::-1])
     return idx, np.ascontiguousarray(sims)
