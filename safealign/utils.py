@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,10 @@ SECRET_MARKERS = ("api_key", "apikey", "token", "secret", "password")
 
 
 def rank_zero() -> bool:
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+    """True on the global rank-0 process (torchrun, SLURM, Lightning, MPI: safealign.ranks)."""
+    from safealign.ranks import is_rank_zero
+
+    return is_rank_zero()
 
 
 class RankZeroFilter(logging.Filter):
