@@ -96,7 +96,9 @@ def deepspeed_config(
         A JSON-serialisable dict.
     """
     if stage not in (1, 2, 3):
-        raise ConfigError("trainer.strategy.config.stage", f"ZeRO stage must be 1, 2 or 3, got {stage!r}")
+        raise ConfigError(
+            "trainer.strategy.config.stage", f"ZeRO stage must be 1, 2 or 3, got {stage!r}"
+        )
     if precision not in _PRECISION:
         raise ConfigError(
             "trainer.precision", f"DeepSpeed supports {sorted(_PRECISION)}, got {precision!r}"
@@ -128,9 +130,14 @@ def module_classes(paths: list[str]) -> set[type]:
         try:
             cls = getattr(importlib.import_module(mod_name), cls_name)
         except (ImportError, AttributeError, ValueError) as e:
-            raise ConfigError("trainer.strategy.auto_wrap_policy", f"cannot import {path!r}: {e}") from e
+            raise ConfigError(
+                "trainer.strategy.auto_wrap_policy", f"cannot import {path!r}: {e}"
+            ) from e
         out.add(cls)
     return out
+
+
+_REEXEC = ("DeepSpeedStrategy", "FSDPStrategy", "FSDP2Strategy", "ModelParallelStrategy")
 
 
 def starts_script_subprocesses(strategy: Any, devices: Any, num_nodes: Any = 1) -> bool:
@@ -146,11 +153,17 @@ def starts_script_subprocesses(strategy: Any, devices: Any, num_nodes: Any = 1) 
     elif hasattr(strategy, "get"):
         target = str(strategy.get("_target_", ""))
         is_ddp = target.endswith("DDPStrategy") and strategy.get("start_method", "popen") == "popen"
+        # DeepSpeed, FSDP1 and ModelParallel/FSDP2 always launch ranks by re-executing the script
+        is_ddp = is_ddp or target.endswith(_REEXEC)
     else:
-        is_ddp = type(strategy).__name__ == "DDPStrategy"
+        is_ddp = type(strategy).__name__ in ("DDPStrategy", *_REEXEC)
     if not is_ddp:
         return False
-    if isinstance(devices, (list, tuple)) or hasattr(devices, "__len__") and not isinstance(devices, str):
+    if (
+        isinstance(devices, (list, tuple))
+        or hasattr(devices, "__len__")
+        and not isinstance(devices, str)
+    ):
         devices = len(devices)
     if not isinstance(devices, int) or not isinstance(num_nodes, int) or devices == -1:
         return True  # "auto" / -1 (all devices): may well be more than one process

@@ -6,15 +6,18 @@
 * `MultirunGuard`: checks before the sweeper launches anything, so a bad sweep stops with one
   clear error (exit status 2) instead of N failed (or N submitted-then-failed SLURM) jobs:
   every swept key and value composes; no re-executing DDP inside a local multirun; an explicit
-  `ckpt_path` belongs to this model.
+  `ckpt_path` was written with this weight-relevant config (`safealign.fingerprint`).
 
 Imports stay light (no torch/lightning at import): Hydra instantiates callbacks on every start.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import itertools
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from hydra.experimental.callback import Callback
@@ -155,7 +158,8 @@ def check_overrides_compose(config_name: str, points: list[list[str]]) -> None:
         except Exception as e:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ConfigError(
-                "hydra.sweeper.params", f"sweep point [{' '.join(overrides)}] does not compose: {msg}"
+                "hydra.sweeper.params",
+                f"sweep point [{' '.join(overrides)}] does not compose: {msg}",
             ) from e
 
 
@@ -166,7 +170,7 @@ def check_sweep_composes(config: DictConfig, config_name: str) -> None:
 
 
 def check_explicit_checkpoint(config: DictConfig) -> None:
-    """An explicit `ckpt_path` (not null/auto/last) must be a checkpoint of this model."""
+    """An explicit `ckpt_path` (not null/auto/last) must be a checkpoint of this configuration."""
     value = config.get("ckpt_path")
     if value in (None, "", "null", "auto", "last"):
         return
@@ -177,4 +181,23 @@ def check_explicit_checkpoint(config: DictConfig) -> None:
     path = Path(str(value)).expanduser()
     if not path.exists():
         raise ConfigError("ckpt_path", f"checkpoint {path} does not exist")
-    check_checkpoint(path, run_fingerprint(config))
+    with _hydra_config_set(config):
+        fingerprint = run_fingerprint(config)
+    check_checkpoint(path, fingerprint)
+
+
+@contextlib.contextmanager
+def _hydra_config_set(config: DictConfig) -> Iterator[None]:
+    # The fingerprint resolves e.g. data.source.path -> paths.data_dir -> ${hydra:runtime.cwd},
+    # but on_multirun_start runs before any job has set HydraConfig: set it from (a copy of)
+    # this config for the duration (set_config makes the node it is given read-only).
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized() or "hydra" not in config:
+        yield
+        return
+    HydraConfig.instance().set_config(copy.deepcopy(config))
+    try:
+        yield
+    finally:
+        HydraConfig.instance().cfg = None

@@ -96,7 +96,7 @@ def job_id() -> str:
     env = os.environ
     if "SLURM_JOB_ID" in env:
         return f"slurm-{env['SLURM_JOB_ID']}-{env.get('SLURM_STEP_ID', '')}-{env.get('SLURM_RESTART_COUNT', '0')}"
-    if "TORCHELASTIC_RUN_ID" in env:
+    if env.get("TORCHELASTIC_RUN_ID", "none") != "none":  # "none": torchrun without a run id
         return f"torchrun-{env['TORCHELASTIC_RUN_ID']}"
     if "MASTER_PORT" in env:
         return f"master-{env.get('MASTER_ADDR', '')}:{env['MASTER_PORT']}"

@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from safealign.io import write_json
 from safealign.methods.report import finish_run
+from safealign.stop import honoured
 from safealign.utils import (
     check_required,
     record_run,
@@ -43,6 +44,7 @@ def fit(cfg: DictConfig, out_dir: Path, ckpt_path: str | None = None) -> dict[st
     return metrics
 
 
+@honoured  # stop signals (SLURM's time-limit warning) honoured wherever they land
 def train(cfg: DictConfig) -> float | None:
     """Train one method (after its cached SFT init stage, if `init` is set); returns
     `cfg.optimized_metric` from the final metrics, for Hydra sweepers."""
@@ -63,7 +65,7 @@ def train(cfg: DictConfig) -> float | None:
         model_dir, status = run_init_stage(cfg)
         log.info("init stage (SFT): %s -> %s", status, model_dir)
         with open_dict(cfg):
-            cfg.model = hf_model_config(model_dir)
+            cfg.model = hf_model_config(model_dir, cfg.model)  # only the weights path changes
     record_run(cfg, out_dir)
     seed_everything(cfg.seed)
     metrics = fit(cfg, out_dir, ckpt_path)

@@ -7,7 +7,9 @@ side: the schema (program, method, metric, parameters, a command that passes `${
 i.e. Hydra's `key=value` syntax: wandb#1427), and that every parameter combination composes as a
 Hydra override set (grid: all points; bayes/random: endpoints and seeded draws of every
 distribution). An unknown key, a missing group option or a bad value is a clear error naming the
-file and the point, before a single agent starts.
+file and the point, before a single agent starts. Last, what a cluster agent
+(scripts/slurm/agent.sbatch) needs: an explicit trainer, a run dir keyed by the W&B run id and
+`ckpt_path=auto` (`check_agent_ready`).
 """
 
 from __future__ import annotations
@@ -145,6 +147,29 @@ def sweep_plan(path: Path, seed: int = 0) -> tuple[str, list[str], list[list[str
     return Path(spec["program"]).stem, fixed, sweep_points(axes, limit=limit)
 
 
+def check_agent_ready(config_name: str, fixed: list[str], path: Path) -> None:
+    """DataError unless the command picks a trainer (the default is the CPU one: the agent would
+    train on CPU while holding a GPU), keys `hydra.run.dir` by the W&B run id (agents started in
+    the same second share a timestamped dir) and resumes with `ckpt_path=auto` (a preempted run
+    is re-run by W&B under the same id). `launcher=wandb_agent` provides the last two."""
+    from hydra import compose
+    from omegaconf import OmegaConf
+
+    from safealign.errors import DataError
+
+    if not any(o.split("=")[0].lstrip("+~") == "trainer" for o in fixed):
+        why = "e.g. trainer=${oc.env:SAFEALIGN_TRAINER,gpu}: the default is the CPU one"
+        raise DataError(path, f"`command` must choose the trainer, {why}")
+    cfg = compose(config_name=config_name, overrides=fixed, return_hydra_config=True)
+    run_dir = str(OmegaConf.to_container(cfg.hydra.run, resolve=False)["dir"])
+    if "oc.env:WANDB_RUN_ID" not in run_dir:
+        why = "add launcher=wandb_agent to `command`"
+        raise DataError(path, f"hydra.run.dir {run_dir!r} is not keyed by the W&B run id: {why}")
+    if cfg.get("ckpt_path") != "auto":
+        why = "a preempted run must resume (ckpt_path=auto, set by launcher=wandb_agent)"
+        raise DataError(path, f"ckpt_path is {cfg.get('ckpt_path')!r}: {why}")
+
+
 def check_sweep_file(path: str | Path, config_dir: str | Path = ROOT / "conf") -> int:
     """Validate one sweep file; returns the number of override sets composed."""
     from hydra import initialize_config_dir
@@ -159,6 +184,7 @@ def check_sweep_file(path: str | Path, config_dir: str | Path = ROOT / "conf") -
             check_overrides_compose(config_name, [fixed + p for p in points])
         except ConfigError as e:
             raise DataError(path, str(e)) from e
+        check_agent_ready(config_name, fixed, path)
     return len(points)
 
 

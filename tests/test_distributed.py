@@ -57,7 +57,8 @@ def test_deepspeed_strategy_options_use_the_generated_config(option: str):
         cfg = _compose(f"strategy={option}", f"trainer={trainer}")
         assert cfg.trainer.precision == precision
         node = cfg.trainer.strategy
-        assert node._target_ == "lightning.pytorch.strategies.DeepSpeedStrategy"
+        # Lightning's, plus transformers told about ZeRO-3 while the model is built (strategies.py)
+        assert node._target_ == "safealign.strategies.DeepSpeedStrategy"
         assert instantiate(node.config) == deepspeed_config(stage, offload, precision)
     # offloaded optimizer states want DeepSpeed's CPU Adam; the others keep the method's AdamW
     want = "deepspeed.ops.adam.DeepSpeedCPUAdam" if offload else "torch.optim.AdamW"
@@ -77,6 +78,25 @@ def test_ddp_and_fsdp_options_instantiate():
     assert isinstance(instantiate(fsdp_cfg), FSDPStrategy)
     with pytest.raises(ConfigError, match="NoSuchBlock"):
         module_classes(["transformers.models.gpt2.modeling_gpt2.NoSuchBlock"])
+    from safealign.strategies import DeepSpeedStrategy, FSDP2Strategy
+
+    fsdp2 = instantiate(_compose("strategy=fsdp2").trainer.strategy)
+    assert isinstance(fsdp2, FSDP2Strategy) and GPT2Block in fsdp2.wrap_classes
+    z3 = instantiate(_compose("strategy=deepspeed_z3").trainer.strategy)
+    assert isinstance(z3, DeepSpeedStrategy) and z3.config["zero_optimization"]["stage"] == 3
+
+
+def test_hf_zero3_tells_transformers_only_while_building():
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    from safealign.sharding import hf_zero3
+
+    cfg = deepspeed_config(stage=3)
+    with hf_zero3(cfg):
+        assert is_deepspeed_zero3_enabled()
+    assert not is_deepspeed_zero3_enabled()
+    with hf_zero3(deepspeed_config(stage=2)):
+        assert not is_deepspeed_zero3_enabled()
 
 
 @pytest.mark.parametrize(
@@ -86,7 +106,9 @@ def test_ddp_and_fsdp_options_instantiate():
      ({"_target_": "lightning.pytorch.strategies.DDPStrategy"}, 1, False),
      ({"_target_": "lightning.pytorch.strategies.DDPStrategy"}, "auto", True),
      ({"_target_": "lightning.pytorch.strategies.DDPStrategy"}, [0, 1], True),
-     ({"_target_": "lightning.pytorch.strategies.DDPStrategy"}, -1, True), ("ddp", 4, True)],
+     ({"_target_": "lightning.pytorch.strategies.DDPStrategy"}, -1, True), ("ddp", 4, True),
+     ({"_target_": "safealign.strategies.FSDP2Strategy"}, 2, True),
+     ({"_target_": "safealign.strategies.DeepSpeedStrategy"}, 2, True)],
 )
 def test_which_strategies_re_execute_the_command(strategy, devices, expected):
     assert starts_script_subprocesses(strategy, devices) is expected

@@ -64,7 +64,9 @@ def test_portable_key_names_inputs_by_hash_not_location():
     }
 
 
-def test_interrupted_stage_leaves_nothing_and_is_redone(tmp_path):
+def test_interrupted_stage_is_never_read_and_resumes_in_its_work_dir(tmp_path):
+    """An interrupted stage leaves no final dir (nothing half-written is ever read back); its work
+    dir under .work/ survives, so a requeued job resumes it instead of starting over."""
     store, key = ArtifactStore(tmp_path), {"stage": "config"}
 
     def crash(tmp: Path) -> None:
@@ -73,9 +75,10 @@ def test_interrupted_stage_leaves_nothing_and_is_redone(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         store.get_or_compute("judge", key, crash)
-    assert list((tmp_path / "judge").iterdir()) == []  # no final dir, no temp leftovers
+    assert list((tmp_path / "judge").iterdir()) == []  # no final dir: never read back
     d, status = store.get_or_compute("judge", key, lambda t: (t / "ok.txt").write_text("1"))
     assert status == "computed" and (d / "ok.txt").read_text() == "1"
+    assert (d / "half.jsonl").exists()  # the resumed attempt kept the first attempt's work
     assert store.get_or_compute("judge", key, lambda t: 1 / 0) == (d, "reused")
 
 

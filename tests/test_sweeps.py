@@ -8,6 +8,8 @@ every distribution) as a Hydra override set through `hydra.compose`. An unknown 
 from __future__ import annotations
 
 import importlib.util
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -153,3 +155,109 @@ def test_hydra_grid_with_unknown_key_is_refused():
         with pytest.raises(ConfigError, match="gammma"):
             check_sweep_composes(cfg, "train")
 
+
+# --- cluster agents: GPU trainer, a dir per W&B run, resume (scripts/slurm/agent.sbatch) -------
+
+AGENT = ROOT / "scripts" / "slurm" / "agent.sbatch"
+
+
+def _agent_cfg(path: Path, monkeypatch, trainer: str | None = None, run_id: str = "run1"):
+    """Compose a sweep file's fixed command the way an agent's child process would see it."""
+    spec = yaml.safe_load(path.read_text())
+    _skip_if_experiment_missing(spec["command"])
+    if trainer is None:
+        monkeypatch.delenv("SAFEALIGN_TRAINER", raising=False)
+    else:
+        monkeypatch.setenv("SAFEALIGN_TRAINER", trainer)
+    monkeypatch.setenv("WANDB_SWEEP_ID", "sweep7")  # what `wandb agent` exports to the program
+    monkeypatch.setenv("WANDB_RUN_ID", run_id)
+    fixed = [c for c in spec["command"] if c not in check_sweep.MACROS]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(Path(spec["program"]).stem, overrides=fixed, return_hydra_config=True)
+
+
+@pytest.mark.parametrize("path", WANDB_SWEEPS, ids=lambda p: p.name)
+def test_sweep_runs_on_the_gpu_in_a_dir_per_wandb_run_and_resumes(path: Path, monkeypatch):
+    cfg = _agent_cfg(path, monkeypatch)
+    assert cfg.hydra.runtime.choices.trainer == "gpu" and cfg.trainer.accelerator == "gpu"
+    assert cfg.ckpt_path == "auto"  # a re-run of a preempted run id continues its checkpoint
+    run_dir = cfg.hydra.run.dir  # resolved now: the agent's environment of this run
+    assert run_dir == "outputs/sweeps/sweep7/run1"
+    other = _agent_cfg(path, monkeypatch, run_id="run2")  # a parallel agent's run
+    assert other.hydra.run.dir == "outputs/sweeps/sweep7/run2"
+    v100 = _agent_cfg(path, monkeypatch, trainer="gpu_v100")  # TRAINER=gpu_v100 sbatch ...
+    assert v100.trainer.accelerator == "gpu" and v100.trainer.precision == "16-mixed"
+
+
+@pytest.mark.parametrize(
+    ("drop", "message"),
+    [("trainer=", "must choose the trainer"), ("launcher=", "not keyed by the W&B run id")],
+)
+def test_a_sweep_missing_what_an_agent_needs_is_refused(tmp_path: Path, drop: str, message: str):
+    spec = yaml.safe_load((ROOT / "sweeps" / "adpo_ratio_grid.yaml").read_text())
+    bad = _write(tmp_path, command=[c for c in spec["command"] if not c.startswith(drop)])
+    with pytest.raises(DataError, match=message):
+        check_sweep.check_sweep_file(bad, CONF)
+    no_resume = _write(
+        tmp_path, command=[*spec["command"][:-1], "ckpt_path=null", "${args_no_hyphens}"]
+    )
+    with pytest.raises(DataError, match="a preempted run must resume"):
+        check_sweep.check_sweep_file(no_resume, CONF)
+
+
+FAKES = {  # stand-ins for the cluster's commands: srun runs its command, scontrol records
+    "srun": '#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n',
+    "scontrol": '#!/bin/bash\necho "$@" >> "$FAKE_OUT/scontrol"\n',
+    "wandb": """#!PYTHON
+import os, signal, sys, time
+out = os.environ["FAKE_OUT"]
+open(f"{out}/agent", "w").write(" ".join(sys.argv[1:]) + "\\n" + os.environ["SAFEALIGN_TRAINER"])
+def stop(signum, frame):  # the agent forwards it to its run, which checkpoints and exits
+    open(f"{out}/forwarded", "w").write(signal.Signals(signum).name)
+    sys.exit(0)
+signal.signal(signal.SIGUSR2, stop)
+open(f"{out}/ready", "w").close()
+time.sleep(30)
+""",
+}
+
+
+def test_agent_script_forwards_the_time_limit_warning_and_requeues(tmp_path: Path):
+    import subprocess
+    import sys
+    import time
+
+    bin_dir, out, submit = tmp_path / "bin", tmp_path / "out", tmp_path / "repo"
+    for d in (bin_dir, out, submit / ".venv" / "bin"):
+        d.mkdir(parents=True)
+    (submit / ".venv" / "bin" / "activate").write_text("")
+    for name, text in FAKES.items():
+        (bin_dir / name).write_text(text.replace("PYTHON", sys.executable))
+        (bin_dir / name).chmod(0o755)
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "FAKE_OUT": str(out),
+        "SLURM_SUBMIT_DIR": str(submit),
+        "SLURM_JOB_ID": "4242",
+        "TRAINER": "gpu_v100",
+    }
+    job = subprocess.Popen(
+        ["bash", str(AGENT), "ent/proj/abc"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 20
+    while not (out / "ready").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    job.send_signal(signal.SIGUSR2)  # SLURM: --signal=B:USR2@180 goes to the batch shell
+    log, _ = job.communicate(timeout=20)
+    assert job.returncode == 0, log
+    args, trainer = (out / "agent").read_text().splitlines()
+    assert args.split() == ["agent", "--forward-signals", "--count", "1", "ent/proj/abc"]
+    assert trainer == "gpu_v100"  # TRAINER -> SAFEALIGN_TRAINER -> trainer=${oc.env:...}
+    assert (out / "forwarded").read_text() == "SIGUSR2"
+    assert (out / "scontrol").read_text().split() == ["requeue", "4242"]
+    assert subprocess.run(["bash", "-n", str(AGENT)]).returncode == 0  # the whole script parses

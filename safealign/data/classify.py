@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Sampler
 
 from safealign.data.collate import pad
 from safealign.data.datamodule import DataModule
@@ -94,39 +95,55 @@ class ClsCollator:
         }
 
 
-class LengthGroupedBatches(Sampler[list[int]]):
+class LengthGroupedBatches(BatchSampler):
     """Batches of similar length (as HF Trainer's ``group_by_length``): padding is most of the
     cost of an encoder on short dialogues. Training: a seeded shuffle, sorted by length within
     windows of ``window`` batches, then the batches shuffled; each pass draws anew (seed + pass).
-    Evaluation: longest first, no randomness."""
+    Evaluation: longest first, no randomness.
+
+    Batches are drawn from the indices ``sampler`` yields (default: every row). It is a
+    ``BatchSampler`` with a ``sampler`` argument so that under DDP Lightning rebuilds it around
+    its ``DistributedSampler``: each rank then groups its own share (``ceil(N / world)`` rows,
+    disjoint up to the ``< world`` rows the sampler repeats to even out), so every rank runs the
+    same number of batches and none waits forever in an all-reduce.
+    """
 
     def __init__(
-        self, lengths: list[int], batch_size: int, shuffle: bool, seed: int, window: int = 50
+        self,
+        lengths: list[int],
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        window: int = 50,
+        sampler: Sampler[int] | Iterable[int] | None = None,
+        drop_last: bool = False,
     ) -> None:
-        self.lengths, self.batch_size, self.shuffle = lengths, batch_size, shuffle
+        super().__init__(range(len(lengths)) if sampler is None else sampler, batch_size, drop_last)
+        self.lengths, self.shuffle = lengths, shuffle
         self.seed, self.window, self.passes = seed, window, 0
 
     def _chunks(self, order: list[int]) -> list[list[int]]:
         order = sorted(order, key=lambda i: -self.lengths[i])
-        return [order[j : j + self.batch_size] for j in range(0, len(order), self.batch_size)]
+        chunks = [order[j : j + self.batch_size] for j in range(0, len(order), self.batch_size)]
+        return [c for c in chunks if len(c) == self.batch_size] if self.drop_last else chunks
 
     def __iter__(self):
-        n = len(self.lengths)
+        rows = list(self.sampler)  # this rank's share under DDP
         if not self.shuffle:
-            yield from self._chunks(list(range(n)))
+            yield from self._chunks(rows)
             return
         gen = torch.Generator().manual_seed(self.seed + self.passes)
         self.passes += 1
-        perm, span = torch.randperm(n, generator=gen).tolist(), self.window * self.batch_size
-        batches = [b for s in range(0, n, span) for b in self._chunks(perm[s : s + span])]
+        n, span = len(rows), self.window * self.batch_size
+        order = [rows[i] for i in torch.randperm(n, generator=gen).tolist()]
+        batches = [b for s in range(0, n, span) for b in self._chunks(order[s : s + span])]
         yield from (batches[i] for i in torch.randperm(len(batches), generator=gen).tolist())
 
     def __len__(self) -> int:
-        if not self.shuffle:
-            return math.ceil(len(self.lengths) / self.batch_size)
-        span = self.window * self.batch_size
-        n = len(self.lengths)
-        return sum(math.ceil(min(span, n - s) / self.batch_size) for s in range(0, n, span))
+        n = len(self.sampler)
+        span = self.window * self.batch_size if self.shuffle else max(n, 1)
+        whole = math.floor if self.drop_last else math.ceil
+        return sum(whole(min(span, n - s) / self.batch_size) for s in range(0, n, span))
 
 
 class ClassificationDataModule(DataModule):

@@ -31,6 +31,7 @@ from safealign.eval.scorers import HFClassifierScorer
 from safealign.io import write_json
 from safealign.methods.base import BaseModule
 from safealign.types import DialogueExample
+from safealign.utils import rank_zero
 
 log = logging.getLogger(__name__)
 SETTINGS_FILE = "classifier_input.json"
@@ -104,7 +105,7 @@ class ClassifierModule(BaseModule):
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._step(batch, "test", batch_idx)
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: FSDP2 writes its all-gather buffers in place
     def predict_loader(self, loader) -> tuple[torch.Tensor, torch.Tensor]:
         """(predictions, labels) over a loader, model in eval mode. Shape: (N,) each."""
         was_training = self.model.training
@@ -121,7 +122,7 @@ class ClassifierModule(BaseModule):
         """save_pretrained (safetensors) + tokenizer + the input settings scorers need."""
         path = super().export(out_dir)
         datamodule = getattr(self._trainer, "datamodule", None)
-        if hasattr(datamodule, "input_settings"):
+        if hasattr(datamodule, "input_settings") and rank_zero():  # export is collective
             write_json(path / SETTINGS_FILE, datamodule.input_settings())
         return path
 

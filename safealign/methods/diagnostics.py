@@ -17,13 +17,14 @@ from safealign.logps import single_forward
 from safealign.types import SAFE, UNSAFE, DialogueExample
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: FSDP2 all-gathers write into its buffers in place
 def response_ppl(model, tokenizer, pairs: list[tuple[str, str]], max_prompt: int, max_len: int) -> float:
     """Token-level perplexity of responses given prompts (pooled over all tokens)."""
     collate, nll, ntok = SFTCollator(tokenizer.pad_token_id), 0.0, 0
     encoded = [encode(tokenizer, p, r, max_prompt, max_len) for p, r in pairs]
+    device = next(model.parameters()).device  # GPU runs: batches follow the model
     for i in range(0, len(encoded), 32):
-        batch = collate(list(enumerate(encoded[i : i + 32])))
+        batch = {k: v.to(device) for k, v in collate(list(enumerate(encoded[i : i + 32]))).items()}
         logps = single_forward(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
         nll -= float(logps.sum())
         ntok += int((batch["labels"][:, 1:] != -100).sum())

@@ -20,6 +20,7 @@ from safealign.logps import concatenated_forward, single_forward
 from safealign.methods import reference as ref
 from safealign.methods.base import BaseModule
 from safealign.methods.plots import plot_kl
+from safealign.sharding import layout
 from safealign.types import LossOut, PreferenceExample, SeqLogps
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,9 @@ class PreferenceModule(BaseModule):
     ) -> None:
         super().__init__(model_factory, tokenizer, optimizer, scheduler)
         if toxic_ref not in TOXIC_REFS:
-            raise ConfigError("method.toxic_ref", f"expected one of {TOXIC_REFS}, got {toxic_ref!r}")
+            raise ConfigError(
+                "method.toxic_ref", f"expected one of {TOXIC_REFS}, got {toxic_ref!r}"
+            )
         self.loss_fn, self.needs_toxic, self.toxic_ref = loss, needs_toxic, toxic_ref
         self.precompute, self.average = precompute_reference, average_logps
         self.cache_dir = Path(cache_dir) if cache_dir else None
@@ -61,31 +64,64 @@ class PreferenceModule(BaseModule):
         # ones: the only correct source of pi_ref / pi_t, on a fresh run and on resume alike.
         if self.model is not None:
             return
+        if not self.precompute:  # the frozen copy is taken before any sharding
+            if layout(built := self.model_factory(self.tokenizer)) == "zero3":
+                raise ConfigError(
+                    "method.precompute_reference",
+                    "false needs a full frozen copy of the model, which ZeRO-3 partitions away; "
+                    "keep the default (true) under strategy=deepspeed_z3*",
+                )
+            self.reference = [copy.deepcopy(built).requires_grad_(False).eval()]  # not a submodule
+            self.model = self._shard(built)
+            return
         super().configure_model()
-        if self.precompute:
+        if not self._reference_after_setup():
             self.ref_cache = self._load_or_compute_reference()
-        else:
-            self.reference = [ref_model := copy.deepcopy(self.model)]  # list: not a submodule
-            ref_model.requires_grad_(False).eval()
+
+    def _reference_after_setup(self) -> bool:
+        # Strategies that wrap/shard in setup (DeepSpeed, FSDP, ModelParallel) also restore a
+        # checkpoint only after setup: on_fit_start still sees the initial weights, on the
+        # engine's own (sharded, cast) parameters. DDP/single device restore before setup, so
+        # configure_model is the last point with the initial weights there.
+        return bool(getattr(self.trainer.strategy, "restore_checkpoint_after_setup", False))
 
     def _load_or_compute_reference(self) -> dict[str, dict[str, torch.Tensor]]:
-        dm = self.trainer.datamodule
-        key = ref.reference_key(self.model, self.tokenizer, dm.encoded, self.average, self.needs_toxic)
+        dm, trainer = self.trainer.datamodule, self.trainer
+        key = ref.reference_key(
+            self.model, self.tokenizer, dm.encoded, self.average, self.needs_toxic,
+            source=ref.source_identity(self.model_factory), precision=str(trainer.precision),
+        )  # fmt: skip
         sizes = {s: len(rows) for s, rows in dm.encoded.items()}
         path = self.cache_dir / f"reflogps-{key}.safetensors" if self.cache_dir else None
         cache = ref.load_cache(path, key, sizes) if path else None
         log.info("reference log-probs: %s (key %s)", "reused" if cache else "computed", key)
         if cache is None:
-            device = self.trainer.strategy.root_device
-            self.model.to(device)
-            loaders = {"train": dm._loader("train", False), "val": dm.val_dataloader(), "test": dm.test_dataloader()}
-            cache = {s: ref.compute_reference(self.model, ld, self.average, device) for s, ld in loaders.items() if sizes[s]}
-            if path and self.trainer.is_global_zero:
+            cache = self._compute_reference(dm, sizes)
+            if path and trainer.is_global_zero:
                 ref.save_cache(path, key, cache)
+        return cache
+
+    def _compute_reference(self, dm, sizes: dict[str, int]) -> dict[str, dict[str, torch.Tensor]]:
+        device = self.trainer.strategy.root_device
+        if layout(self.model) == "plain":
+            self.model.to(device)
+        ctx = self.trainer.precision_plugin.forward_context  # the policy's autocast (item 1)
+        collate, cache = dm.collator(), {}
+        for split, n in sizes.items():
+            if not n:
+                continue
+            bs = dm.batch_size if split == "train" else dm.eval_batch_size
+            items = list(enumerate(dm.encoded[split]))
+            cache[split] = ref.sharded_reference(
+                self.model, items, collate, bs, self.average, device, ctx, _stop_check
+            )
         return cache
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
+        if self.precompute and self.ref_cache is None:
+            self.ref_cache = self._load_or_compute_reference()
+            self.model.train()
         if self.reference is not None:  # not a submodule, so the strategy does not move it
             self.reference[0].to(self.device)
 
@@ -108,7 +144,11 @@ class PreferenceModule(BaseModule):
         return SeqLogps(chosen, rejected, toxic)
 
     def _pi_t(self, batch: dict, model) -> torch.Tensor:
-        args = (batch["toxic_ctx_input_ids"], batch["toxic_ctx_attention_mask"], batch["toxic_ctx_labels"])
+        args = (
+            batch["toxic_ctx_input_ids"],
+            batch["toxic_ctx_attention_mask"],
+            batch["toxic_ctx_labels"],
+        )
         return single_forward(model, *args, self.average)
 
     def _step(self, batch: dict, split: str, batch_idx: int) -> torch.Tensor:
@@ -122,7 +162,9 @@ class PreferenceModule(BaseModule):
         self._log_metrics(split, loss, out, policy, reference)
         return loss
 
-    def _log_metrics(self, split: str, loss, out: LossOut, policy: SeqLogps, reference: SeqLogps) -> None:
+    def _log_metrics(
+        self, split: str, loss, out: LossOut, policy: SeqLogps, reference: SeqLogps
+    ) -> None:
         # TRL names (METHODS.md C.4) + ADPO extras and kl/* = mean policy-reference log-ratio (A.4).
         m = {
             "rewards/chosen": out.chosen_rewards.mean(),
@@ -141,10 +183,22 @@ class PreferenceModule(BaseModule):
                 m["rewards/toxic"] = out.toxic_rewards.mean()
         on_step = split == "train"
         bs = policy.chosen.numel()
-        kw = dict(on_step=on_step, on_epoch=True, batch_size=bs, sync_dist=not on_step)  # DDP: all ranks
+        kw = dict(
+            on_step=on_step, on_epoch=True, batch_size=bs, sync_dist=not on_step
+        )  # DDP: all ranks
         self.log_dict({f"{split}/{k}": v for k, v in m.items()}, **kw)
         self.log(f"{split}/loss", loss.detach(), prog_bar=True, **kw)
 
     def summarize(self, datamodule, out_dir) -> dict[str, float]:
-        plot_kl({"this run": self.history}, Path(out_dir) / "kl.png")
+        if self.trainer.is_global_zero:
+            plot_kl({"this run": self.history}, Path(out_dir) / "kl.png")
         return {}
+
+
+def _stop_check() -> None:
+    """Between reference batches: honour a pending stop/requeue signal (safealign.stop)."""
+    try:
+        from safealign import stop
+    except ImportError:  # pragma: no cover - older checkouts
+        return
+    stop.check("reference precompute")

@@ -1,16 +1,25 @@
 """Reference log-probs precomputed once and cached on disk (issue 3 item 4; USER-ASKS #1).
 
-The cache key hashes everything that determines the numbers: the reference weights, the
-tokenizer, the encoded data (token ids of every row, so lengths, truncation and the `[TOXIC]`
-placement are all in it) and the log-prob convention. A cache whose key, split names or row
+Computed under the run's own strategy and precision (issue 9 item 1): after the strategy has set
+up the model (sharded under ZeRO-3/FSDP), inside the precision plugin's autocast, each rank
+scoring its share of the rows and all ranks gathering the result, so step 0's policy log-probs
+equal the cached reference.
+
+The cache key hashes everything that determines the numbers: where the weights come from
+(:func:`source_identity`: the model factory's settings and the source weight files; plus the
+exact weights when the model is not sharded: a sharded tensor is never hashed), the tokenizer,
+the encoded data (token ids of every row, so lengths, truncation and the `[TOXIC]` placement are
+all in it), the log-prob convention and the precision. A cache whose key, split names or row
 counts do not match is never used; files are written to a temp path and renamed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -42,32 +51,117 @@ def data_hash(encoded: dict[str, list]) -> str:
     return h.hexdigest()[:16]
 
 
-def reference_key(model, tokenizer, encoded: dict[str, list], average: bool, toxic: bool) -> str:
+def _file_digest(path: Path) -> str:
+    """Name, size and the first and last MiB of a weight file: changes whenever the weights do
+    (safetensors headers and tensor bytes), without reading gigabytes."""
+    h = hashlib.sha256(f"{path.name}:{path.stat().st_size}".encode())
+    with open(path, "rb") as f:
+        h.update(f.read(2**20))
+        f.seek(max(0, path.stat().st_size - 2**20))
+        h.update(f.read(2**20))
+    return h.hexdigest()[:16]
+
+
+def source_identity(model_factory: Callable | None) -> dict:
+    """Where the initial weights come from: the factory and its settings (seed, LoRA, dtype...)
+    and, for a local model directory, a digest of its config and weight files."""
+    if model_factory is None:
+        return {}
+    func = getattr(model_factory, "func", model_factory)
+    kwargs = dict(getattr(model_factory, "keywords", {}) or {})
+    ident = {
+        "factory": f"{func.__module__}.{func.__qualname__}",
+        "settings": repr(sorted(kwargs.items())),
+    }
+    src = kwargs.get("name_or_path")
+    if src and Path(str(src)).is_dir():
+        files = sorted(Path(str(src)).glob("*.safetensors")) + sorted(
+            Path(str(src)).glob("config.json")
+        )
+        ident["files"] = {f.name: _file_digest(f) for f in files}
+    return ident
+
+
+def reference_key(
+    model,
+    tokenizer,
+    encoded: dict[str, list],
+    average: bool,
+    toxic: bool,
+    source: dict | None = None,
+    precision: str = "32-true",
+) -> str:
+    """Cache key. The exact weights are hashed only when the model is not sharded (a ZeRO-3 or
+    FSDP shard is not the model); the source identity covers the sharded case."""
+    from safealign.sharding import is_sharded
+
     vocab = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
-    parts = [weights_hash(model), vocab[:16], data_hash(encoded), f"avg={average}", f"tox={toxic}"]
+    weights = "sharded" if is_sharded(model) else weights_hash(model)
+    parts = [weights, json.dumps(source or {}, sort_keys=True), vocab[:16], data_hash(encoded),
+             f"avg={average}", f"tox={toxic}", f"precision={precision}"]  # fmt: skip
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
 
 
-@torch.inference_mode()
-def compute_reference(model, loader, average: bool, device: torch.device) -> dict[str, Tensor]:
-    """Reference logps for one split, ordered by example index. Shape of each: (N,)."""
-    was_training = model.training
-    model.eval()
+@torch.no_grad()  # not inference_mode: FSDP2 all-gathers write into its buffers in place
+def compute_reference(
+    model,
+    loader,
+    average: bool,
+    device: torch.device,
+    forward_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    on_batch: Callable[[], None] | None = None,
+) -> dict[str, Tensor]:
+    """Reference logps for the rows ``loader`` yields (this rank's share), in loader order, with
+    their example indices under "index". Runs under ``forward_context()`` (the precision plugin's
+    autocast), so the numbers are the ones the policy reproduces at step 0. ``on_batch`` is
+    called between batches (stop-signal checks). Shape of each: (rows,)."""
+    from safealign.sharding import eval_mode
+
     out: dict[str, list[Tensor]] = {"index": [], "chosen": [], "rejected": [], "toxic": []}
-    for batch in loader:
-        b = {k: v.to(device) for k, v in batch.items()}
-        n = b["index"].numel()
-        ids, mask, labels = (b[k][: 2 * n] for k in ("input_ids", "attention_mask", "labels"))
-        ref = concatenated_forward(model, ids, mask, labels, 2, average)
-        out["index"].append(b["index"].cpu())
-        out["chosen"].append(ref.chosen.float().cpu())
-        out["rejected"].append(ref.rejected.float().cpu())
-        if "toxic_ctx_input_ids" in b:  # pi_t(y_t | x ⊕ [TOXIC]) with the frozen SFT weights (A.3)
-            args = (b["toxic_ctx_input_ids"], b["toxic_ctx_attention_mask"], b["toxic_ctx_labels"])
-            out["toxic"].append(single_forward(model, *args, average).float().cpu())
-    model.train(was_training)
-    order = torch.cat(out["index"]).argsort()
-    return {k: torch.cat(v)[order] for k, v in out.items() if v and k != "index"}
+    with eval_mode(model):
+        for batch in loader:
+            b = {k: v.to(device) for k, v in batch.items()}
+            n = b["index"].numel()
+            ids, mask, labels = (b[k][: 2 * n] for k in ("input_ids", "attention_mask", "labels"))
+            with forward_context():
+                ref = concatenated_forward(model, ids, mask, labels, 2, average)
+                toxic = None
+                if "toxic_ctx_input_ids" in b:  # pi_t(y_t | x ⊕ [TOXIC]), frozen SFT weights (A.3)
+                    args = (b[f"toxic_ctx_{k}"] for k in ("input_ids", "attention_mask", "labels"))
+                    toxic = single_forward(model, *args, average)
+            out["index"].append(b["index"].cpu())
+            out["chosen"].append(ref.chosen.float().cpu())
+            out["rejected"].append(ref.rejected.float().cpu())
+            if toxic is not None:
+                out["toxic"].append(toxic.float().cpu())
+            if on_batch is not None:
+                on_batch()
+    return {k: torch.cat(v) for k, v in out.items() if v}
+
+
+def sharded_reference(
+    model,
+    items: list,
+    collate,
+    batch_size: int,
+    average: bool,
+    device: torch.device,
+    forward_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    on_batch: Callable[[], None] | None = None,
+) -> dict[str, Tensor]:
+    """Reference logps of every row of ``items`` ((index, encoded) pairs, index = position),
+    each rank scoring an equal share (sharded forwards are collective), gathered on all ranks.
+    Shape of each: (len(items),), ordered by index."""
+    from torch.utils.data import DataLoader
+
+    from safealign.ranks import global_rank, world_size
+    from safealign.sharding import gather_by_index, shard_indices
+
+    share = [items[i] for i in shard_indices(len(items), global_rank(), world_size())]
+    loader = DataLoader(share, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    local = compute_reference(model, loader, average, device, forward_context, on_batch)
+    index = local.pop("index")
+    return gather_by_index(local, index, len(items), device)
 
 
 def load_cache(path: Path, key: str, sizes: dict[str, int]) -> dict[str, dict[str, Tensor]] | None:

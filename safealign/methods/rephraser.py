@@ -20,6 +20,7 @@ from safealign.eval.scorers import ProfanityScorer
 from safealign.io import write_jsonl
 from safealign.isaac.rephrase import rewrite
 from safealign.methods.base import BaseModule
+from safealign.sharding import is_sharded
 from safealign.types import SAFE, UNSAFE, MultiTargetExample
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,9 @@ class RephraserModule(BaseModule):
         """Rewrite held-out responses: how often they change and their profanity score before and
         after, overall and per ground-truth label when known (written to rewrites.jsonl)."""
         if not hasattr(datamodule, "held_out") or self.summary_rows < 1:
+            return {}
+        if is_sharded(self.model):  # sampled lengths may differ per rank: collectives would hang
+            log.warning("rewrite summary skipped: the model is sharded; run evaluate.py on the export")
             return {}
         rows = datamodule.held_out(self.summary_rows)
         if not rows:

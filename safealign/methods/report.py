@@ -29,12 +29,17 @@ def print_summary(title: str, out_dir: Path, metrics: dict[str, float]) -> None:
 
 
 def finish_run(cfg: DictConfig, module, datamodule, trainer, out_dir: Path) -> dict[str, float]:
-    """Export (rank zero), collect final metrics and the module's own summary, print them."""
+    """Export (all ranks gather, rank zero writes), collect final metrics and the module's own
+    summary (on every rank when the model is sharded: its forwards are collective), print."""
+    from safealign.sharding import is_sharded
+
     metrics = final_metrics(trainer)
+    path = module.export(out_dir / "model")  # collective under ZeRO-3 / FSDP
     if trainer.is_global_zero:
-        path = module.export(out_dir / "model")
         log.info("exported model + tokenizer (safetensors) to %s", path)
         write_jsonl(out_dir / "history.jsonl", module.history)
-        metrics.update(module.summarize(datamodule, out_dir))
+    if is_sharded(module.model) or trainer.is_global_zero:
+        with trainer.precision_plugin.forward_context():
+            metrics.update(module.summarize(datamodule, out_dir))
     print_summary(f"{type(module).__name__} finished", out_dir, metrics)
     return metrics

@@ -25,6 +25,43 @@ def _dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def _check_memory_options(gradient_checkpointing: object, attn_implementation: object) -> None:
+    """Fail on a misspelt value before any weights are read (a 7B load takes minutes)."""
+    if not isinstance(gradient_checkpointing, bool):
+        raise ConfigError(
+            "model.lm.gradient_checkpointing",
+            f"expected true or false, got {gradient_checkpointing!r}",
+        )
+    if attn_implementation is None:
+        return
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    valid = ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]
+    # "org/repo[:fn]" is a hub kernel (the `kernels` package); transformers checks it at load.
+    if not isinstance(attn_implementation, str) or (
+        attn_implementation not in valid and "/" not in attn_implementation
+    ):
+        raise ConfigError(
+            "model.lm.attn_implementation",
+            f"expected null (transformers' default) or one of {sorted(valid)}, got {attn_implementation!r}",
+        )
+
+
+def _checkpoint_activations(model: nn.Module) -> None:
+    """Recompute each block's activations in backward instead of storing them.
+
+    Non-reentrant torch.utils.checkpoint: gradients flow even when the block inputs do not require
+    grad (frozen embeddings under LoRA) and it composes with DDP/FSDP. The KV cache is useless in
+    training and conflicts with recomputation, so it is switched off."""
+    # transformers 5.x renamed gradient_checkpointing_enable (now a deprecated alias).
+    enable = (
+        getattr(model, "activation_checkpointing_enable", None)
+        or model.gradient_checkpointing_enable
+    )
+    enable({"use_reentrant": False})
+    model.config.use_cache = False
+
+
 def build_tiny_gpt2(
     tokenizer,
     n_layer: int = 2,
@@ -33,10 +70,15 @@ def build_tiny_gpt2(
     n_positions: int = 256,
     dropout: float = 0.0,
     seed: int = 0,
+    gradient_checkpointing: bool = False,
+    attn_implementation: str | None = None,
 ) -> nn.Module:
-    """A small GPT-2 with random init from an explicit generator seed (never downloaded)."""
+    """A small GPT-2 with random init from an explicit generator seed (never downloaded).
+
+    `gradient_checkpointing` and `attn_implementation` as in :func:`load_causal_lm`."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    _check_memory_options(gradient_checkpointing, attn_implementation)
     config = GPT2Config(
         vocab_size=len(tokenizer),
         n_layer=n_layer,
@@ -49,11 +91,14 @@ def build_tiny_gpt2(
         bos_token_id=tokenizer.eos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        attn_implementation=attn_implementation,
     )
     # Init under a forked RNG so building a model never moves the caller's global stream.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = GPT2LMHeadModel(config)
+    if gradient_checkpointing:
+        _checkpoint_activations(model)
     return model
 
 
@@ -63,11 +108,16 @@ def load_causal_lm(
     dtype: str = "float32",
     lora: dict | None = None,
     local_files_only: bool = True,
+    gradient_checkpointing: bool = False,
+    attn_implementation: str | None = None,
 ) -> nn.Module:
     """Load a causal LM from a local path (or hub id when `local_files_only=False`).
 
     Embeddings are resized when the tokenizer gained `[TOXIC]`. With `lora`, wraps the model in
     a peft LoRA adapter (`lora` holds LoraConfig kwargs, e.g. r, lora_alpha, target_modules).
+    `gradient_checkpointing` recomputes activations in backward (memory for compute; the loss and
+    gradients are unchanged); `attn_implementation` (eager, sdpa, flash_attention_2, ...; null =
+    transformers' default) is passed to `from_pretrained`.
     """
     from transformers import AutoModelForCausalLM
 
@@ -77,9 +127,11 @@ def load_causal_lm(
             f"{name_or_path!r} does not exist locally; set model.local_files_only=false to use a hub id",
         )
     dtype_ = _dtype(dtype)  # validate before loading anything
+    _check_memory_options(gradient_checkpointing, attn_implementation)
     model = AutoModelForCausalLM.from_pretrained(
         name_or_path,
         dtype=dtype_,
+        attn_implementation=attn_implementation,
         trust_remote_code=False,
         use_safetensors=True,
         local_files_only=local_files_only,
@@ -88,9 +140,17 @@ def load_causal_lm(
         model.resize_token_embeddings(len(tokenizer))
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    if gradient_checkpointing:
+        _checkpoint_activations(model)
     if lora:
         from peft import LoraConfig, get_peft_model
 
+        if gradient_checkpointing:
+            # peft's recipe (prepare_model_for_kbit_training): the frozen embeddings' output must
+            # require grad, or a checkpointed block has no differentiable input and the adapters
+            # inside it get no gradient. Needed for reentrant checkpointing (DeepSpeed ZeRO-3
+            # may switch to it), harmless for the non-reentrant one used here.
+            model.enable_input_require_grads()
         model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **dict(lora)))
     return model
 

@@ -158,7 +158,8 @@ def preference_config(cfg: DictConfig, node: DictConfig | None, sft: Path, tripl
     if not isinstance(data.get("source"), dict) or "path" not in data["source"]:
         raise ConfigError("data.source", "the pipeline needs a file source (data=jsonl)")
     data["source"]["path"] = str(triples)
-    stage = {"data": data, "model": OmegaConf.to_container(hf_model_config(sft))}
+    model = OmegaConf.to_container(hf_model_config(sft, cfg.model))  # LoRA, dtype... carried over
+    stage = {"data": data, "model": model}
     if node is not None:
         stage |= OmegaConf.to_container(node, resolve=True)
     return stage_config(cfg, OmegaConf.create(stage))

@@ -1,5 +1,5 @@
 """Stage bodies of the ADPO pipeline (safealign/pipeline/adpo.py): each writes its outputs into
-the temp dir the artefact store hands it, which becomes the stage dir only when complete."""
+the work dir the artefact store hands it, which becomes the stage dir only when complete."""
 
 from __future__ import annotations
 

@@ -8,13 +8,14 @@ preference stage reuses the same SFT stage.
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from safealign.pipeline.store import ArtifactStore
-from safealign.utils import seed_everything
+from safealign.pipeline.store import ArtifactStore, attempt
+from safealign.utils import rank_zero, seed_everything
 
 log = logging.getLogger("safealign.pipeline")
 REPLACED = ("data", "method", "model")
@@ -56,15 +57,34 @@ def _drop_cache_dirs(obj):
     return obj
 
 
-def hf_model_config(path: Path) -> DictConfig:
-    """`model=hf` pointing at an exported stage model."""
-    return OmegaConf.create(
-        {
-            "name_or_path": str(path),
-            "tokenizer": {"_target_": "safealign.models.load_tokenizer", "_partial_": True, "name_or_path": str(path)},
-            "lm": {"_target_": "safealign.models.load_causal_lm", "_partial_": True, "name_or_path": str(path)},
-        }
-    )
+HF_LOADER = "safealign.models.load_causal_lm"
+TOKENIZER_LOADER = "safealign.models.load_tokenizer"
+# load_causal_lm options that describe HOW to train, not which weights: they survive a hand-off.
+CARRIED = ("dtype", "lora", "attn_implementation", "gradient_checkpointing")
+
+
+def hf_model_config(path: Path, model: DictConfig | None = None) -> DictConfig:
+    """The `model` group of a stage that starts from the exported model in `path`.
+
+    Only the weights path changes between stages (issue 9 item 4): a group that already loads
+    from a path (`model=hf`) is kept whole, LoRA, dtype and every other setting included, with
+    `name_or_path` pointed at `path`; a group built from config (`model=tiny`) becomes the hf
+    loader carrying over the settings that still apply (the architecture and tokenizer now come
+    from `path`). Dropping them made a LoRA DPO on a 7B model silently a full fine-tune."""
+    path = str(path)
+    src = OmegaConf.to_container(model, resolve=False) if model is not None else {}
+    lm, tok = src.get("lm") or {}, src.get("tokenizer") or {}
+    if tok.get("_target_") != TOKENIZER_LOADER:  # export saved the trained tokenizer beside it
+        tok = {"_target_": TOKENIZER_LOADER, "_partial_": True}
+    tok = dict(tok, name_or_path=path)
+    if lm.get("_target_") == HF_LOADER:
+        return OmegaConf.create(
+            dict(src, name_or_path=path, tokenizer=tok, lm=dict(lm, name_or_path=path))
+        )
+    carried = {k: lm[k] for k in CARRIED if k in lm}
+    lm = {"_target_": HF_LOADER, "_partial_": True, "name_or_path": path, **carried}
+    lm["local_files_only"] = True  # the exported dir is local
+    return OmegaConf.create({"name_or_path": path, "tokenizer": tok, "lm": lm})
 
 
 def run_init_stage(cfg: DictConfig) -> tuple[Path, str]:
@@ -82,10 +102,28 @@ def run_fit_stage(
 
     store = ArtifactStore(cfg.paths.artifacts_dir)
 
-    def compute(tmp: Path) -> None:
-        s = OmegaConf.merge(scfg, {"paths": {"output_dir": str(tmp)}})
+    def compute(work: Path) -> None:
+        s = OmegaConf.merge(scfg, {"paths": {"output_dir": str(work)}})
         seed_everything(s.seed)
-        fit(s, tmp)
+        ckpt = _stage_checkpoint(s, work)
+        if rank_zero():
+            fit(s, work, ckpt)
+            return
+        # Other ranks train in the shared work dir (sharded checkpoints) but keep their own end-
+        # of-run files (metrics.json without rank 0's summary) out of what rank 0 commits.
+        with tempfile.TemporaryDirectory(prefix=f"safealign-{stage}-rank") as scratch:
+            fit(s, Path(scratch), ckpt)
 
     key = stage_key(scfg)
     return store.get_or_compute(stage, key_fn(key) if key_fn else key, compute)
+
+
+def _stage_checkpoint(s: DictConfig, work: Path) -> str | None:
+    """The newest checkpoint an interrupted attempt left in the work dir (a requeued SFT stage
+    continues where it stopped instead of restarting from step 0), else None."""
+    from safealign.resume import checkpoint_dir, newest_checkpoint
+
+    found = newest_checkpoint(checkpoint_dir(s), work)
+    if found is not None:
+        log.warning("stage resumes from %s (attempt %d)", found, attempt(work))
+    return str(found) if found is not None else None
