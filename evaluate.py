@@ -5,11 +5,17 @@ from omegaconf import DictConfig
 
 from safealign.cli import run_task
 from safealign.eval.evaluate import evaluate
+from safealign.validate import validate_config
+
+
+def validated_evaluate(cfg: DictConfig) -> list[dict]:
+    validate_config(cfg)  # sampling ranges (temperatures, top_p, ...) before any model loads
+    return evaluate(cfg)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> list[dict]:
-    return run_task(evaluate, cfg)
+    return run_task(validated_evaluate, cfg)
 
 
 if __name__ == "__main__":

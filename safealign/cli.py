@@ -1,11 +1,14 @@
-"""Error presentation for the entry points: a SafealignError is one clear line, not a traceback."""
+"""Entry-point helpers: a SafealignError is one clear line, not a traceback; the `run_stamp`
+resolver that names run dirs (registered at import, i.e. before `@hydra.main` composes)."""
 
 from __future__ import annotations
 
+import secrets
 import sys
 from collections.abc import Callable
+from datetime import datetime
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from safealign.errors import SafealignError
 
@@ -19,6 +22,21 @@ def user_error(exc: BaseException) -> SafealignError | None:
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def run_stamp(job_id: str | None = None) -> str:
+    """A run-dir name that concurrent launches never share (issue 14): local time to the
+    millisecond, the scheduler's job id when there is one, and 4 random hex digits (two processes
+    of one SLURM job, or two machines on one file system, can start in the same millisecond).
+    Random from os.urandom, so seeded global RNGs in forked launchers cannot repeat it."""
+    now = datetime.now()
+    stamp = now.strftime("%Y-%m-%d_%H-%M-%S.") + f"{now.microsecond // 1000:03d}"
+    return "_".join(p for p in (stamp, str(job_id or ""), secrets.token_hex(2)) if p)
+
+
+# use_cache: one value per composed config, and Hydra copies the cache into every sweep job's
+# config (load_sweep_config -> OmegaConf.copy_cache), so a job and its requeue share the sweep dir.
+OmegaConf.register_new_resolver("run_stamp", run_stamp, use_cache=True, replace=True)
 
 
 def run_task(fn: Callable[[DictConfig], object], cfg: DictConfig):

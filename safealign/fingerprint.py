@@ -16,7 +16,6 @@ The config is walked key by key, so a dropped key (often `${hydra:...}`) is neve
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from safealign.errors import ConfigError
-from safealign.utils import SECRET_MARKERS
+from safealign.utils import is_secret_key
 
 log = logging.getLogger(__name__)
 FINGERPRINT = "fingerprint.json"
@@ -95,12 +94,6 @@ def _dropped(path: tuple[str, ...]) -> frozenset[str]:
     return _DROP_ANYWHERE
 
 
-def _secret(key: str, value: Any) -> str:
-    # A secret-looking key (W&B key, token...) must never reach fingerprint.json; its digest
-    # still tells a changed value apart.
-    return "<redacted sha256:" + hashlib.sha256(repr(value).encode()).hexdigest()[:12] + ">"
-
-
 def _plain(node: Any, path: tuple[str, ...]) -> Any:
     if isinstance(node, DictConfig):
         drop = _dropped(path)
@@ -110,8 +103,8 @@ def _plain(node: Any, path: tuple[str, ...]) -> Any:
                 continue
             if OmegaConf.is_missing(node, k):
                 out[k] = "???"
-            elif any(m in str(k).lower() for m in SECRET_MARKERS):
-                out[k] = _secret(str(k), OmegaConf.to_container(node, resolve=False).get(k))
+            elif is_secret_key(str(k)):  # a W&B key or token never changes the weights
+                out[k] = "<redacted>"
             else:
                 out[k] = _plain(node[k], (*path, str(k)))
         return out

@@ -7,6 +7,9 @@
   clear error (exit status 2) instead of N failed (or N submitted-then-failed SLURM) jobs:
   every swept key and value composes; no re-executing DDP inside a local multirun; an explicit
   `ckpt_path` was written with this weight-relevant config (`safealign.fingerprint`).
+* `RedactSecrets`: secret-looking overrides (`+logger.wandb.api_key=...`) redacted in the files
+  Hydra wrote before the job started: `.hydra/{config,hydra,overrides}.yaml` and the sweep's
+  `multirun.yaml` (hydra/core/utils.py::run_job saves them just before `on_job_start`).
 
 Imports stay light (no torch/lightning at import): Hydra instantiates callbacks on every start.
 """
@@ -16,14 +19,19 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
+import os
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from safealign.errors import ConfigError, SafealignError
+from safealign.utils import redact_overrides, redact_yaml_file
+from safealign.validate import config_errors
 
 MAX_COMBINATIONS = 64  # beyond this, each swept key is checked on its own (others at 1st value)
 
@@ -38,6 +46,29 @@ def finish_wandb() -> None:
 class WandbFinish(Callback):
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         finish_wandb()
+
+
+class RedactSecrets(Callback):
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        for path in hydra_files(config):
+            redact_yaml_file(path)
+        task = OmegaConf.select(config, "hydra.overrides.task", default=[]) or []
+        if any(redact_overrides(str(ov)) != str(ov) for ov in task):
+            # W&B stores sys.argv in its run metadata (wandb_settings._args -> run-*.wandb);
+            # with a secret on the command line, that job records no system metadata.
+            os.environ.setdefault("WANDB_X_DISABLE_META", "true")
+
+
+def hydra_files(config: DictConfig) -> list[Path]:
+    """The YAML files Hydra has written for this job: its `.hydra/*.yaml` and, in a multirun,
+    the sweep dir's `multirun.yaml` (located from the job's dir: `sweep.dir` may hold ${now:})."""
+    hc = config.hydra
+    out = Path(hc.runtime.output_dir)
+    files = sorted((out / hc.output_subdir).glob("*.yaml")) if hc.output_subdir else []
+    if hc.mode == RunMode.MULTIRUN:
+        depth = len(Path(str(hc.sweep.subdir)).parts)
+        files += [p for p in [out.parents[depth - 1] / "multirun.yaml"] if p.is_file()]
+    return files
 
 
 class MultirunGuard(Callback):
@@ -149,18 +180,23 @@ def sweep_points(axes: dict[str, list[str]], limit: int = MAX_COMBINATIONS) -> l
 
 def check_overrides_compose(config_name: str, points: list[list[str]]) -> None:
     """ConfigError naming the first override set that does not compose (unknown key, missing
-    group option, bad value syntax). Needs an initialised Hydra (an app or `initialize_*`)."""
+    group option, bad value syntax) or holds a value out of range (`safealign.validate`).
+    Needs an initialised Hydra (an app or `initialize_*`)."""
     from hydra import compose
 
     for overrides in points:
         try:
-            compose(config_name=config_name, overrides=overrides)
+            cfg = compose(config_name=config_name, overrides=overrides)
         except Exception as e:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ConfigError(
                 "hydra.sweeper.params",
                 f"sweep point [{' '.join(overrides)}] does not compose: {msg}",
             ) from e
+        errors = config_errors(cfg)
+        if errors:
+            where = f"sweep point [{' '.join(overrides)}]"
+            raise ConfigError(errors[0].key, f"{errors[0].detail} ({where})")
 
 
 def check_sweep_composes(config: DictConfig, config_name: str) -> None:

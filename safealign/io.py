@@ -1,4 +1,5 @@
-"""Atomic file writes and content hashing: nothing half-written is ever left where it is read back."""
+"""Atomic file writes and content hashing: nothing half-written is ever left where it is read back,
+and nothing read back is trusted without its recorded digest."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -56,14 +58,116 @@ def stable_hash(*parts: Any, length: int = 16) -> str:
     return h.hexdigest()[:length]
 
 
-def file_hash(path: str | Path, length: int = 16) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:length]
-
-
 def read_json(path: str | Path):
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+FULL_HASH_BELOW = 64 << 20  # files under 64 MiB are hashed whole when verified
+_MIB = 1 << 20
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 (hex) of a file's bytes, streamed 1 MiB at a time."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_MIB), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_hash(path: str | Path, length: int = 16) -> str:
+    return file_sha256(path)[:length]
+
+
+def sampled_sha256(path: str | Path) -> str:
+    """sha256 of a large file's size, first and last MiB and 16 evenly spaced 64 KiB blocks.
+
+    Reads ~3 MiB whatever the size: catches truncation, a rewritten header or tail, and most
+    wholesale overwrites of a multi-GB checkpoint, but not an edit confined to unsampled bytes
+    (files under FULL_HASH_BELOW are hashed whole instead; see :func:`file_record`)."""
+    size = os.path.getsize(path)
+    h = hashlib.sha256(str(size).encode())
+    offsets = [0, *(size * i // 17 for i in range(1, 17)), max(0, size - _MIB)]
+    with open(path, "rb") as f:
+        for i, off in enumerate(offsets):
+            f.seek(off)
+            h.update(f.read(_MIB if i in (0, len(offsets) - 1) else 64 << 10))
+    return h.hexdigest()
+
+
+def file_record(path: str | Path) -> dict:
+    """What a commit records of a file: its size and a sha256, whole below FULL_HASH_BELOW
+    (``sha256``), sampled above it (``sampled_sha256``)."""
+    size = os.path.getsize(path)
+    if size < FULL_HASH_BELOW:
+        return {"size": size, "sha256": file_sha256(path)}
+    return {"size": size, "sampled_sha256": sampled_sha256(path)}
+
+
+def verify_record(path: str | Path, rec: dict) -> str | None:
+    """None if ``path`` still matches ``rec`` (from :func:`file_record`), else what differs."""
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        return "missing"
+    if size != rec.get("size"):
+        return f"size {size} bytes, {rec.get('size')} recorded"
+    if "sha256" in rec:
+        return None if file_sha256(path) == rec["sha256"] else "sha256 differs from the record"
+    if "sampled_sha256" in rec:
+        ok = sampled_sha256(path) == rec["sampled_sha256"]
+        return None if ok else "sampled sha256 differs from the record"
+    return "no digest recorded"
+
+
+def _entry(v) -> bool:
+    return isinstance(v, dict) and {"size", "mtime_ns", "sha256"} <= v.keys()
+
+
+class DigestCache:
+    """Full sha256 of input files and dirs, remembered by (path, size, mtime_ns) in a JSON file so
+    a rerun does not re-read gigabytes of unchanged data.
+
+    A file modified in the last 2 s is hashed but not remembered: on a file system with coarse
+    mtimes a second same-size write could keep the same mtime (git's "racily clean" rule)."""
+
+    RACY_NS = 2_000_000_000
+
+    def __init__(self, path: str | Path | None) -> None:
+        self.path = Path(path) if path is not None else None
+        self.entries: dict[str, dict] = {}
+        self.fresh: dict[str, dict] = {}
+        self.dirty = False
+        if self.path is not None and self.path.exists():
+            with contextlib.suppress(OSError, ValueError, AttributeError):  # broken: only slower
+                self.entries = {k: v for k, v in read_json(self.path).items() if _entry(v)}
+
+    def file(self, path: Path) -> str:
+        st, name = path.stat(), str(path.resolve())
+        stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        for known in (self.entries, self.fresh):  # fresh: racy files, this process only
+            hit = known.get(name)
+            if hit and hit["size"] == st.st_size and hit["mtime_ns"] == st.st_mtime_ns:
+                return hit["sha256"]
+        digest = file_sha256(path)
+        if time.time_ns() - st.st_mtime_ns > self.RACY_NS:
+            self.entries[name], self.dirty = stamp | {"sha256": digest}, True
+        else:
+            self.fresh[name] = stamp | {"sha256": digest}
+        return digest
+
+    def content(self, path: str | Path) -> str:
+        """sha256 of a file, or of a dir's sorted (relative path, file sha256) pairs."""
+        path = Path(path)
+        if path.is_file():
+            return self.file(path)
+        h = hashlib.sha256()
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            h.update(f"{f.relative_to(path).as_posix()}\x00{self.file(f)}\x00".encode())
+        return h.hexdigest()
+
+    def save(self) -> None:
+        if self.path is not None and self.dirty:  # merged: concurrent runs add their own files
+            write_json(self.path, DigestCache(self.path).entries | self.entries)
+            self.dirty = False

@@ -18,6 +18,7 @@ from safealign.utils import (
     seed_everything,
     setup_logging,
 )
+from safealign.validate import validate_config
 
 log = logging.getLogger("safealign.run")
 
@@ -50,6 +51,7 @@ def train(cfg: DictConfig) -> float | None:
     `cfg.optimized_metric` from the final metrics, for Hydra sweepers."""
     setup_logging()
     check_required(cfg)
+    validate_config(cfg)  # hyper-parameter ranges, before any data or model is built
     out_dir = Path(cfg.paths.output_dir)
     OmegaConf.resolve(cfg.paths)  # freeze hydra-runtime paths before stages copy the config
     if cfg.get("pipeline"):  # a multi-stage run (the ADPO pipeline) drives its own stages

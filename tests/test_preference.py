@@ -129,3 +129,22 @@ def test_bad_preference_rows_are_dropped_with_counts(tokenizer):
     assert dm.stats["dropped_identical_pair"] == 1
     assert dm.stats["dropped_empty_response"] == 1
     assert dm.stats["dropped_missing_toxic"] == 1
+
+
+def test_step0_refuses_a_reference_that_does_not_reproduce_the_policy(tokenizer, tmp_path, monkeypatch):
+    """A cache that passes every file check but belongs to other weights (here: shifted by 5
+    nats) would bias every reward: the first step stops with a message naming the cache."""
+    from safealign.methods import reference as ref
+
+    dm, module, trainer = setup(tokenizer, tmp_path)
+    trainer.fit(module, datamodule=dm)  # writes the true cache
+    real = ref.load_cache
+
+    def stale(*a, **k):
+        cache = real(*a, **k)
+        return {s: {f: v - 5.0 for f, v in fields.items()} for s, fields in cache.items()}
+
+    monkeypatch.setattr(ref, "load_cache", stale)
+    dm2, module2, trainer2 = setup(tokenizer, tmp_path)
+    with pytest.raises(RuntimeError, match=r"step 0.*differ from the policy's by 5"):
+        trainer2.fit(module2, datamodule=dm2)

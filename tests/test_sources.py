@@ -447,3 +447,13 @@ def test_real_xstest():
     assert load_eval_prompts(SHARED_DATA / "xstest" / "xstest_prompts.csv") == [
         r["prompt"] for r in rows
     ]
+
+
+def test_xstest_unclosed_quote_names_the_line(tmp_path):
+    """An unclosed quote swallows the rest of the file into one field: say so, with the line."""
+    from safealign.data.sources import load_xstest
+
+    p = tmp_path / "xstest.csv"
+    p.write_text('id,prompt,type,label\n1,"hello there,homonyms,safe\n2,kill a process,t,safe\n')
+    with pytest.raises(DataError, match=r"xstest.csv:2: .*unclosed quote"):
+        load_xstest(p)

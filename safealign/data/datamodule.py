@@ -3,6 +3,11 @@
 Loading and validating the data happens in __init__ (at `instantiate(cfg.data)`), i.e. before a
 tokenizer or model is built, so bad input fails fast. Tokenisation happens in `attach`, once the
 tokenizer exists; the method module says which record type it needs.
+
+Data hygiene (issue 14), reported as `data: <key> = <n>` with the encoding counts: rows whose
+prompt is empty are dropped in every split (evaluation rejects them too), exact duplicate train
+rows are counted and kept, and validation rows that also occur in train are counted and, with
+`dedup_val` (on in conf/data), removed: a held-out loss on training rows is not held out.
 """
 
 from __future__ import annotations
@@ -26,10 +31,39 @@ from safealign.data.collate import (
 from safealign.data.control import check_placement, with_control_token
 from safealign.errors import ConfigError
 from safealign.resume import ResumableDataLoader
-from safealign.types import UNSAFE, Corpus, DialogueExample, MultiTargetExample, PreferenceExample
+from safealign.types import (
+    ASSISTANT_TAG,
+    HUMAN_TAG,
+    UNSAFE,
+    Corpus,
+    DialogueExample,
+    MultiTargetExample,
+    PreferenceExample,
+)
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
+
+
+def prompt_of(r) -> str:
+    return r.prompt if isinstance(r, PreferenceExample) else r.context
+
+
+def is_blank_prompt(prompt: str) -> bool:
+    """True when a prompt holds nothing but chat tags and whitespace: an empty context converts
+    to ``"\\n\\nHuman: \\n\\nAssistant:"`` (types.chat_prompt), which is not blank as a string."""
+    return not prompt.replace(HUMAN_TAG, "").replace(ASSISTANT_TAG, "").strip()
+
+
+def overlap_counts(train: list, val: list, test: list) -> dict[str, int]:
+    """Exact-duplicate counts (records compare by value): repeats within train, and val/test rows
+    that also occur in train."""
+    seen = set(train)
+    return {
+        "duplicate_train_rows": len(train) - len(seen),
+        "val_overlap_with_train": sum(r in seen for r in val),
+        "test_overlap_with_train": sum(r in seen for r in test),
+    }
 
 
 class DataModule(L.LightningDataModule):
@@ -38,6 +72,9 @@ class DataModule(L.LightningDataModule):
     toxic_control: SFT only: dialogues labelled unsafe get `[TOXIC]` in the context (ADPO A.1).
     control_placement: where `[TOXIC]` goes (see safealign.data.control.PLACEMENTS).
     val_fraction: when the source has no validation split, hold out this seeded fraction of train.
+    dedup_val: remove validation rows that also occur (exactly) in train; counted either way.
+        On in the training configs (conf/data/*.yaml); off here so a caller-built corpus (and
+        the classifier's published DiaSafety val split) is kept as given, with a warning.
     """
 
     def __init__(
@@ -52,17 +89,24 @@ class DataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         val_fraction: float = 0.0,
+        dedup_val: bool = False,
     ) -> None:
         super().__init__()
         check_lengths(max_prompt_length, max_length)
         check_placement(control_placement)
         if batch_size < 1:
             raise ConfigError("data.batch_size", f"must be >= 1, got {batch_size}")
+        self.stats: Counter = Counter()
         self.corpus = source() if callable(source) else source
+        self._drop_empty_prompts()
         if not self.corpus.train:
-            raise ConfigError("data.source", f"corpus {self.corpus.name!r} has no training records")
+            raise ConfigError(
+                "data.source",
+                f"corpus {self.corpus.name!r} has no training records ({self.drop_summary()})",
+            )
         if not self.corpus.val and val_fraction > 0:
             self._split_off_val(val_fraction, seed)
+        self._check_overlap(dedup_val)
         for reason, n in sorted(self.corpus.dropped.items()):
             log.info("data: dropped %d rows (%s) from %s", n, reason, self.corpus.name)
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
@@ -70,7 +114,40 @@ class DataModule(L.LightningDataModule):
         self.toxic_control, self.control_placement = toxic_control, control_placement
         self.num_workers, self.seed = num_workers, seed
         self.encoded: dict[str, list] = {}
-        self.stats: Counter = Counter()
+
+    def _drop_empty_prompts(self) -> None:
+        for split in SPLITS:
+            records = getattr(self.corpus, split)
+            kept = [r for r in records if not is_blank_prompt(prompt_of(r))]
+            self.stats["dropped_empty_prompt"] += len(records) - len(kept)
+            setattr(self.corpus, split, kept)
+
+    def _check_overlap(self, dedup_val: bool) -> None:
+        self.stats.update(overlap_counts(self.corpus.train, self.corpus.val, self.corpus.test))
+        n = self.stats["val_overlap_with_train"]
+        if n and not dedup_val:
+            log.warning(
+                "data: %d validation rows of %s are also train rows (kept: dedup_val is off)",
+                n,
+                self.corpus.name,
+            )
+        elif n:
+            seen = set(self.corpus.train)
+            self.corpus.val = [r for r in self.corpus.val if r not in seen]
+            if not self.corpus.val:
+                log.warning(
+                    "data: every validation row of %s is also a train row: "
+                    "no validation split left (data.dedup_val=false keeps them)",
+                    self.corpus.name,
+                )
+
+    def drop_summary(self) -> str:
+        """Every drop so far, by reason, from the loader (``Corpus.dropped``) and this module."""
+        mine = {k.removeprefix("dropped_"): n for k, n in self.stats.items() if "dropped_" in k}
+        drops = +(Counter(self.corpus.dropped) + Counter(mine))  # unary +: no zero counts
+        if not drops:
+            return "the source yielded no rows"
+        return "dropped: " + ", ".join(f"{k}={n}" for k, n in sorted(drops.items()))
 
     def _split_off_val(self, fraction: float, seed: int) -> None:
         """Single-split sources (e.g. one HH file): a seeded, reproducible held-out slice."""
@@ -113,7 +190,9 @@ class DataModule(L.LightningDataModule):
         for k, v in sorted(self.stats.items()):
             log.info("data: %s = %d", k, v)
         if not self.encoded["train"]:
-            raise ConfigError("data", "no training example survived encoding (see the drop counts)")
+            raise ConfigError(
+                "data", f"no training example survived encoding ({self.drop_summary()})"
+            )
 
     def _enc(self, prompt: str, response: str) -> Encoded:
         e = encode(self.tokenizer, prompt, response, self.max_prompt_length, self.max_length)

@@ -217,6 +217,20 @@ def _xstest_row(p: Path, line: int, row: dict) -> dict:
     return {**out, "label": label, "id": row.get("id") or ""}
 
 
+def _check_fields(p: Path, line: int, last_line: int, row: dict) -> None:
+    """A row with fewer fields than the header, or with extra ones, says which: the usual cause is
+    an unclosed quote, which makes one field swallow the following lines."""
+    short = [k for k, v in row.items() if k is not None and v is None]
+    if short or None in row:
+        what = f"missing column(s) {short}" if short else f"{len(row[None])} extra field(s)"
+        hint = (
+            f"; the row runs from line {line} to {last_line}: an unclosed quote (\") on line {line}?"
+            if last_line > line
+            else ""
+        )
+        raise DataError(p, f"row does not match the header: {what}{hint}", line)
+
+
 def load_xstest(path: str | Path) -> list[dict]:
     """Load XSTest prompts: ``{"prompt", "text", "type", "label", "id"}`` per CSV row, where
     ``prompt`` is the project-convention prompt and ``text`` the raw CSV prompt."""
@@ -229,6 +243,7 @@ def load_xstest(path: str | Path) -> list[dict]:
     try:
         for row in reader:
             line, start = start, reader.line_num + 1  # a quoted field may span several lines
+            _check_fields(p, line, reader.line_num, row)
             out.append(_xstest_row(p, line, row))
     except csv.Error as e:
         raise DataError(p, f"malformed CSV ({e})", reader.line_num) from e

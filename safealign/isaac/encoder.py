@@ -23,7 +23,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from safealign.errors import DataError
-from safealign.io import atomic_path, stable_hash
+from safealign.io import atomic_open, atomic_path, file_sha256, stable_hash
 
 log = logging.getLogger(__name__)
 _DENSE_SVD_MAX = 8_000_000  # TF-IDF cells up to which the exact (dense) SVD is used
@@ -224,10 +224,16 @@ class HFEncoder:
         return np.concatenate(out).astype(np.float32)
 
 
+def _digest_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")  # written after the .npy: both or neither
+
+
 def _load_cache(path: Path, n: int) -> np.ndarray | None:
     if not path.exists():
         return None
     try:
+        if _digest_path(path).read_text().strip() != file_sha256(path):
+            raise ValueError(f"bytes differ from {_digest_path(path).name}")
         emb = np.load(path, allow_pickle=False)
         return check_embeddings(emb, n, str(path))
     except Exception as e:  # noqa: BLE001 - a corrupt or mismatched cache is recomputed
@@ -241,7 +247,8 @@ def embed_cached(
     """Encode ``texts`` with ``encoder``, caching the (N, d) float32 result as .npy.
 
     The cache file is keyed by the encoder fingerprint and the texts' content hash, written
-    atomically and loaded with ``allow_pickle=False``; a corrupt or mismatched file is recomputed.
+    atomically with its sha256 beside it (``.npy.sha256``) and loaded with ``allow_pickle=False``;
+    a file that is corrupt, mismatched or not the bytes written is recomputed.
 
     Raises:
         DataError: the encoder produced NaN/inf (names the row) or the wrong number of rows.
@@ -257,4 +264,6 @@ def embed_cached(
     if path is not None:
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.save(f, emb, allow_pickle=False)
+        with atomic_open(_digest_path(path)) as f:
+            f.write(file_sha256(path) + "\n")
     return emb

@@ -156,11 +156,35 @@ class PreferenceModule(BaseModule):
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         policy = concatenated_forward(self.model, ids, mask, labels, n_way, self.average)
         reference = self.reference_logps(batch, split, n_way)
+        if split == "train" and self.global_step == 0 and self.ref_cache is not None:
+            self._check_step0(policy, reference, batch_idx)
         out = self.loss_fn(policy, reference)
         loss = out.losses.mean()
         self.check_finite(loss, batch, batch_idx)
         self._log_metrics(split, loss, out, policy, reference)
         return loss
+
+    def _check_step0(self, policy: SeqLogps, reference: SeqLogps, batch_idx: int) -> None:
+        """Before the first update the policy IS the reference: a cached reference that does not
+        reproduce it (stale or corrupt cache, a different model or precision) would bias every
+        reward, so stop (issue 14 item 1). Skipped when dropout makes the two forwards differ.
+        Tolerance: float noise of summed log-probs (fp32: 1e-3 nats; 16-bit autocast, where
+        padding and batch shape move low bits: 1 nat, with a warning above 1e-3)."""
+        if self.model.training and any(
+            isinstance(m, torch.nn.Dropout) and m.p > 0 for m in self.model.modules()
+        ):
+            return
+        gap = max(float((p - r).abs().max()) for p, r in
+                  ((policy.chosen, reference.chosen), (policy.rejected, reference.rejected)))  # fmt: skip
+        half = "16" in str(self.trainer.precision)
+        if gap > (1.0 if half else 1e-3):
+            raise RuntimeError(
+                f"step 0, batch {batch_idx}: the cached reference log-probs differ from the "
+                f"policy's by {gap:.4g} nats before any update (expected ~0): the reference cache "
+                "does not belong to this model/data/precision; delete it (method.cache_dir) and rerun"
+            )
+        if gap > 1e-3:
+            log.warning("step 0: reference vs policy log-probs differ by %.3g nats (16-bit)", gap)
 
     def _log_metrics(
         self, split: str, loss, out: LossOut, policy: SeqLogps, reference: SeqLogps

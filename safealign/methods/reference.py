@@ -164,8 +164,33 @@ def sharded_reference(
     return gather_by_index(local, index, len(items), device)
 
 
+def tensors_sha256(flat: dict[str, Tensor]) -> str:
+    """sha256 of named tensors: names, dtypes, shapes and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(flat):
+        t = flat[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def implausible(cache: dict[str, dict[str, Tensor]]) -> str | None:
+    """Why cached reference log-probs cannot be real, or None: each is a sum or mean of
+    log-softmax values, so finite and <= 0 (a 1e-3 slack for rounding in reduced precision)."""
+    for split, fields in sorted(cache.items()):
+        for field, t in sorted(fields.items()):
+            if not t.is_floating_point():
+                continue
+            if not torch.isfinite(t).all():
+                return f"{split}/{field} has {int((~torch.isfinite(t)).sum())} non-finite values"
+            if t.numel() and t.max() > 1e-3:
+                return f"{split}/{field} has a positive log-prob ({t.max().item():.4g})"
+    return None
+
+
 def load_cache(path: Path, key: str, sizes: dict[str, int]) -> dict[str, dict[str, Tensor]] | None:
-    """The cached tensors, or None when absent, unreadable or not for this exact key and data."""
+    """The cached tensors, or None when absent, unreadable, not for this exact key and data, not
+    the bytes saved (sha256 in the metadata) or not plausible log-probs (:func:`implausible`)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file, safe_open
 
@@ -180,10 +205,17 @@ def load_cache(path: Path, key: str, sizes: dict[str, int]) -> dict[str, dict[st
         return None
     if meta.get("key") != key:
         return None
+    if meta.get("sha256") != tensors_sha256(flat):
+        why = "no sha256 recorded" if "sha256" not in meta else "tensors differ from their sha256"
+        log.warning("reference cache %s: %s; recomputing", path, why)
+        return None
     cache: dict[str, dict[str, Tensor]] = {}
     for name, t in flat.items():
         split, field = name.split("/")
         cache.setdefault(split, {})[field] = t
+    if (why := implausible(cache)) is not None:
+        log.warning("reference cache %s: %s; recomputing", path, why)
+        return None
     ok = all(s in cache and len(cache[s]["chosen"]) == n for s, n in sizes.items() if n)
     return cache if ok else None
 
@@ -193,4 +225,4 @@ def save_cache(path: Path, key: str, cache: dict[str, dict[str, Tensor]]) -> Non
 
     flat = {f"{s}/{f}": t.contiguous() for s, fields in cache.items() for f, t in fields.items()}
     with atomic_path(path) as tmp:
-        save_file(flat, str(tmp), metadata={"key": key})
+        save_file(flat, str(tmp), metadata={"key": key, "sha256": tensors_sha256(flat)})

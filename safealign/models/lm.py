@@ -7,12 +7,12 @@ so the embedding matrix always matches its vocabulary, `[TOXIC]` included.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from safealign.errors import ConfigError
+from safealign.models.checks import check_config, check_weights, local_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -117,15 +117,15 @@ def load_causal_lm(
     a peft LoRA adapter (`lora` holds LoraConfig kwargs, e.g. r, lora_alpha, target_modules).
     `gradient_checkpointing` recomputes activations in backward (memory for compute; the loss and
     gradients are unchanged); `attn_implementation` (eager, sdpa, flash_attention_2, ...; null =
-    transformers' default) is passed to `from_pretrained`.
+    transformers' default) is passed to `from_pretrained`. A local dir is checked first
+    (`safealign.models.checks`): a ConfigError names what is missing or broken.
     """
     from transformers import AutoModelForCausalLM
 
-    if local_files_only and not Path(name_or_path).exists():
-        raise ConfigError(
-            "model.name_or_path",
-            f"{name_or_path!r} does not exist locally; set model.local_files_only=false to use a hub id",
-        )
+    model_dir = local_model_dir(name_or_path, local_files_only)
+    if model_dir is not None:  # config and safetensors headers, before any weights are read
+        check_config(model_dir)
+        check_weights(model_dir)
     dtype_ = _dtype(dtype)  # validate before loading anything
     _check_memory_options(gradient_checkpointing, attn_implementation)
     model = AutoModelForCausalLM.from_pretrained(

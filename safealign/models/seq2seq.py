@@ -80,7 +80,7 @@ def load_seq2seq(
         raise ConfigError(
             "model.name_or_path",
             f"{name_or_path!r} does not exist locally; "
-            "set model.local_files_only=false to use a hub id",
+            "set model.lm.local_files_only=false to use a hub id",
         )
     _special_ids(tokenizer)
     model = AutoModelForSeq2SeqLM.from_pretrained(

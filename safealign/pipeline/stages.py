@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from safealign.io import DigestCache
 from safealign.pipeline.store import ArtifactStore, attempt
 from safealign.utils import rank_zero, seed_everything
 
 log = logging.getLogger("safealign.pipeline")
 REPLACED = ("data", "method", "model")
+# Config keys whose existing paths are inputs: their content, not only their name, keys a stage.
+INPUT_KEYS = ("path", "paths", "data_dir", "files", "name_or_path")
+DIGESTS = ".digests.json"  # input sha256s by (path, size, mtime) under the store root
 VOLATILE = ("paths", "hydra", "logger", "ckpt_path", "tags", "task_name", "optimized_metric")
 
 
@@ -36,15 +40,40 @@ def stage_config(cfg: DictConfig, stage: DictConfig) -> DictConfig:
 
 
 def stage_key(cfg: DictConfig) -> dict:
-    """What determines a stage's outputs: its resolved config without output locations."""
+    """What determines a stage's outputs: its resolved config without output locations, plus the
+    sha256 of every input file or dir it names (`input_sha256`, by config key): a data file
+    changed in place is a new stage, not a silently reused one."""
     c = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    root = (c.get("paths") or {}).get("artifacts_dir")
     for k in VOLATILE:
         c.pop(k, None)
     c.get("trainer", {}).pop("default_root_dir", None)
     c.get("trainer", {}).pop("callbacks", None)
     c.get("trainer", {}).pop("logger", None)
     c.get("trainer", {}).pop("enable_progress_bar", None)
-    return _drop_cache_dirs(c)
+    c = _drop_cache_dirs(c)
+    digests = DigestCache(Path(root) / DIGESTS if root else None)
+    inputs = {name: digests.content(p) for name, p in input_paths(c)}
+    digests.save()
+    return c | {"input_sha256": inputs} if inputs else c
+
+
+def input_paths(obj, prefix: str = "") -> Iterator[tuple[str, Path]]:
+    """(dotted config key, path) of every existing file or dir named under a key in INPUT_KEYS
+    or ending in `_path` (a string or a list of strings)."""
+    if isinstance(obj, dict):
+        items = obj.items()
+    elif isinstance(obj, list):
+        items = enumerate(obj)
+    else:
+        return
+    for k, v in items:
+        name = f"{prefix}{k}"
+        if isinstance(k, str) and (k in INPUT_KEYS or k.endswith("_path")):
+            for i, p in enumerate(v if isinstance(v, list) else [v]):
+                if isinstance(p, str) and p and Path(p).exists():
+                    yield (name if not isinstance(v, list) else f"{name}.{i}"), Path(p)
+        yield from input_paths(v, name + ".")
 
 
 def _drop_cache_dirs(obj):

@@ -11,6 +11,12 @@ others wait and then reuse. Within a job only global rank 0 takes the lock; it w
 marker (job id, pid, host, attempt) into the work dir. The other ranks wait until the stage is
 DONE (reused) or the OWNER marker names their job, then take part in the (collective)
 computation in the same work dir and leave the commit to rank 0.
+
+Nothing on disk is trusted (issue 14 item 1): the commit records every file's size and sha256 in
+DONE (a manifest; files of 64 MiB and more get a sampled digest, see `io.file_record`), and every
+reuse checks them first. A stage that fails the check is moved to `<root>/.corrupt/` with a
+warning naming the file and recomputed. A job killed after its compute finished but before the
+rename leaves a sealed work dir; the next job verifies it and commits it without recomputing.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from safealign import ranks
-from safealign.io import read_json, stable_hash, write_json
+from safealign.io import file_record, read_json, stable_hash, verify_record, write_json
 from safealign.utils import rank_zero
 
 log = logging.getLogger("safealign.pipeline")
@@ -82,9 +88,24 @@ def _wait(ready: Callable[[], bool], timeout_s: float, what: str) -> None:
         time.sleep(min(1.0, max(0.05, timeout_s / 20)))
 
 
+def manifest(d: Path) -> dict[str, dict]:
+    """Relative path -> size and sha256 (`io.file_record`) of every file in `d` but DONE."""
+    files = sorted(p for p in d.rglob("*") if p.is_file())
+    return {p.relative_to(d).as_posix(): file_record(p) for p in files if p != d / DONE}
+
+
+def _drop_temp_files(d: Path) -> None:
+    # Leftovers of atomic writes a killed attempt never renamed (`io.atomic_path` names them
+    # `.<name>.<random>.tmp`): never read, so not worth committing or hashing.
+    for p in d.rglob(".*.tmp"):
+        if p.is_file():
+            p.unlink()
+
+
 class ArtifactStore:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
+        self._checked: dict[Path, tuple[tuple[int, int], str | None]] = {}
 
     def path(self, stage: str, key: dict) -> Path:
         return self.root / stage / stable_hash(key)
@@ -102,26 +123,72 @@ class ArtifactStore:
     ) -> tuple[Path, str]:
         """Return (stage dir, "reused" | "computed"). `compute(work_dir)` writes the outputs; it
         may find a previous attempt's files there (`attempt(work_dir) > 1`) and continue them.
+        A committed stage is reused only if its files match the manifest recorded at commit.
         Non-zero ranks raise TimeoutError after `wait_timeout_s` without a sign of rank 0."""
         final, work = self.path(stage, key), self.work_dir(stage, key)
-        if (final / DONE).exists():
+        if self.intact(final):
             log.info("stage %-10s reused   %s", stage, final)
             return final, "reused"
         if not rank_zero():
             return self._follow(final, work, compute, wait_timeout_s)
         with _locked(self.root / ".locks" / f"{stage}-{final.name}.lock"):
-            if (final / DONE).exists():  # another job computed it while we waited
+            if self.intact(final):  # another job computed it while we waited
                 log.info("stage %-10s reused   %s", stage, final)
                 return final, "reused"
             final.parent.mkdir(parents=True, exist_ok=True)
-            self._own(work)
-            compute(work)  # an exception leaves the work dir for the next attempt to resume
-            write_json(work / DONE, {"stage": stage, "key": key})
+            if (final / DONE).exists():  # committed, but its files no longer match
+                self._set_aside(stage, final)
+            if not self._sealed(work):
+                self._own(work)
+                compute(work)  # an exception leaves the work dir for the next attempt to resume
+                _drop_temp_files(work)
+                write_json(work / DONE, {"stage": stage, "key": key, "manifest": manifest(work)})
             if final.exists():  # a stale incomplete dir without DONE: replace it
                 shutil.rmtree(final)
             os.replace(work, final)
         log.info("stage %-10s computed %s", stage, final)
         return final, "computed"
+
+    def intact(self, final: Path) -> bool:
+        """True if `final` is committed (DONE) and every file matches its manifest."""
+        return (final / DONE).exists() and self._problem(final) is None
+
+    def _problem(self, d: Path) -> str | None:
+        """Why the committed dir `d` must not be used, naming the file; None if it verifies.
+        Remembered per DONE file (inode, mtime): polling ranks do not re-hash the stage."""
+        try:
+            st = (d / DONE).stat()
+        except OSError:
+            return f"{d / DONE} is missing"
+        stamp = (st.st_ino, st.st_mtime_ns)
+        if d in self._checked and self._checked[d][0] == stamp:
+            return self._checked[d][1]
+        why = _verify(d)
+        self._checked[d] = (stamp, why)
+        return why
+
+    def _set_aside(self, stage: str, final: Path) -> None:
+        bad = self.root / ".corrupt" / f"{stage}-{final.name}-{time.time_ns()}"
+        bad.parent.mkdir(parents=True, exist_ok=True)
+        why = self._problem(final)
+        os.replace(final, bad)
+        log.warning("stage %s: %s; moved the stage to %s, recomputing", stage, why, bad)
+
+    def _sealed(self, work: Path) -> bool:
+        """A previous attempt finished its compute and wrote DONE but was killed before the
+        rename: commit its verified work instead of computing again."""
+        if not (work / DONE).exists():
+            return False
+        try:
+            why = _verify(work) if "manifest" in read_json(work / DONE) else "no manifest"
+        except (OSError, ValueError, TypeError) as e:
+            why = f"unreadable ({e})"
+        if why is None:
+            log.warning("committing the finished work of an interrupted attempt in %s", work)
+            return True
+        log.warning("discarding the DONE marker of %s: %s", work, why)
+        (work / DONE).unlink()
+        return False
 
     def _own(self, work: Path) -> None:
         prev = owner(work)
@@ -135,11 +202,29 @@ class ArtifactStore:
         self, final: Path, work: Path, compute: Callable[[Path], None], timeout_s: float
     ) -> tuple[Path, str]:
         """A non-zero rank: reuse once rank 0 commits; compute alongside it once it owns `work`."""
-        done = final / DONE
+        # A stage that fails verification is moved aside by rank 0, which then owns the work
+        # dir: every rank reads the same bytes, so all of them reuse or all of them compute.
         claimed = f"rank 0 neither committed {final} nor claimed {work}"
-        _wait(lambda: done.exists() or _is_my_job(owner(work)), timeout_s, claimed)
-        if done.exists():
+        _wait(lambda: self.intact(final) or _is_my_job(owner(work)), timeout_s, claimed)
+        if self.intact(final):
             return final, "reused"
         compute(work)
-        _wait(done.exists, timeout_s, f"rank 0 never committed {final}")
+        _wait((final / DONE).exists, timeout_s, f"rank 0 never committed {final}")
         return final, "computed"
+
+
+def _verify(d: Path) -> str | None:
+    """None if every file of `d`'s DONE manifest matches, else the first mismatch, named."""
+    try:
+        done = read_json(d / DONE)
+    except (OSError, ValueError) as e:
+        return f"{d / DONE} is unreadable ({e})"
+    files = done.get("manifest") if isinstance(done, dict) else None
+    if files is None:  # committed before manifests existed: nothing to check it against
+        log.warning("%s has no manifest (committed before issue 14): reused UNVERIFIED; delete "
+                    "it to recompute", d)  # fmt: skip
+        return None
+    for rel, rec in files.items():
+        if (why := verify_record(d / rel, rec)) is not None:
+            return f"{d / rel}: {why}"
+    return None
