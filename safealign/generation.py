@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from safealign.data.control import PLACEMENTS, with_control_token
+from safealign.data.chat import has_template, render_prompt
+from safealign.data.control import PLACEMENTS
 from safealign.errors import ConfigError, DataError
 from safealign.io import atomic_open, stable_hash, write_jsonl
 from safealign.types import as_response
@@ -135,7 +136,7 @@ def row_seed(seed: int, prompt_id: int, temperature: float, sample: int, toxic: 
 
 
 def _encode(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
-    # Tokenised exactly as the collator encodes prompts (data/collate.py).
+    # Tokenised exactly as the collator encodes prompts (data/collate.py, data/chat.py).
     return [tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"] for t in texts]
 
 
@@ -272,6 +273,7 @@ def generate(
     chunk_size: int = 64,
     add_special_tokens: bool = True,
     on_chunk: Callable[[int, int], None] | None = None,
+    render: bool = True,
 ) -> list[dict]:
     """Sample ``n_samples`` responses per prompt and temperature (METHODS.md A.2 steps 2-3).
 
@@ -283,8 +285,12 @@ def generate(
         seed: same seed -> same text, whatever the batch size, chunking or resumption.
         out_path: JSONL destination, written atomically; resumable through ``<out_path>.partial``.
         chunk_size: prompts per checkpointed chunk (does not change the text).
-        add_special_tokens: passed to the tokenizer (False when a chat template already adds BOS).
+        add_special_tokens: passed to the tokenizer for untemplated prompts (a rendered chat
+            template is always tokenised without them, safealign/data/chat.py).
         on_chunk: called as ``on_chunk(chunk_index, prompts_done)`` after each chunk is durable.
+        render: feed each prompt through :func:`safealign.data.chat.render_prompt` (the chat
+            template when the tokenizer has one, and ``[TOXIC]``); False: prompts are already
+            the model's text (the LLM judge renders its own), so ``toxic`` must be off.
 
     Returns:
         Rows sorted by (prompt_id, temperature order, sample), each ``{prompt_id, prompt (without
@@ -298,6 +304,10 @@ def generate(
         raise ValueError("generate: every prompt must be a string")
     if chunk_size < 1:
         raise ConfigError("generation.chunk_size", f"need >= 1, got {chunk_size}")
+    if sampling.toxic and not render:
+        raise ValueError("generate: toxic=True needs render=True (the token is placed there)")
+    # a rendered chat template owns BOS: tokenised without specials, as the collator does
+    add_special_tokens = add_special_tokens and not (render and has_template(tokenizer))
     temps = check_sampling(sampling)
     if tokenizer.eos_token_id is None:
         raise ConfigError("model.tokenizer", "the tokenizer has no eos token")
@@ -323,6 +333,7 @@ def generate(
         chunk_size,
         add_special_tokens,
         on_chunk,
+        render,
     )
     rows += [r for pid in done for r in done[pid]]
     order = {t: i for i, t in enumerate(temps)}
@@ -352,6 +363,7 @@ def _run(
     chunk_size,
     add_special_tokens,
     on_chunk,
+    render,
 ) -> list[dict]:
     from tqdm.auto import tqdm
 
@@ -364,7 +376,8 @@ def _run(
         for c, start in enumerate(range(0, len(todo), chunk_size)):
             items = []
             for pid in todo[start : start + chunk_size]:
-                fed = with_control_token(prompts[pid], s.placement) if s.toxic else prompts[pid]
+                placement = s.placement if s.toxic else None
+                fed = render_prompt(tokenizer, prompts[pid], placement) if render else prompts[pid]
                 items += [
                     {
                         "prompt_id": pid,

@@ -119,6 +119,10 @@ def preload_model_classes(model_factory) -> list[str]:
     kwargs = dict(getattr(model_factory, "keywords", {}) or {})
     names: list[str] = []
     src = kwargs.get("name_or_path")
+    if src and not Path(str(src)).exists():  # a hub id: its cached snapshot, if any
+        from safealign.models.checks import cached_snapshot_dir
+
+        src = cached_snapshot_dir(str(src))
     if src and (Path(str(src)) / "config.json").is_file():
         names += json.loads((Path(str(src)) / "config.json").read_text()).get("architectures") or []
     with contextlib.suppress(OSError, TypeError):

@@ -77,3 +77,30 @@ def test_ratios_follow_from_the_rows(smoke):
         rows["safealign ADPO"]["step_ms_mean"] / rows["safealign DPO"]["step_ms_mean"]
     )
     assert ratios["TRL DPO"] == {}
+
+
+@pytest.fixture(scope="module")
+def logps_smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "logps.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "logps.py"), "--smoke", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, check=False, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout, json.loads(out.read_text())
+
+
+def test_logps_bench_rows_and_ratios(logps_smoke):
+    """bench/logps.py: one row per implementation, ratios against today's, same numbers."""
+    stdout, result = logps_smoke
+    table = [ln for ln in stdout.splitlines() if ln.startswith("|")]
+    assert [ln.split("|")[3].strip() for ln in table[2:]] == ["today", "safealign", "TRL"]
+    rows = {r["impl"]: r for r in result["rows"]}
+    today, lean = rows["today"], rows["safealign"]
+    assert lean["fwd_mem_x"] == pytest.approx(lean["fwd_extra_mb"] / today["fwd_extra_mb"])
+    assert lean["time_x"] == pytest.approx(
+        (lean["fwd_ms"] + lean["bwd_ms"]) / (today["fwd_ms"] + today["bwd_ms"])
+    )
+    assert lean["max_abs_dlogp"] == 0.0  # bit for bit today's values
+    assert all(r["peak_reset"] and r["fwd_ms"] > 0 and r["bwd_ms"] > 0 for r in rows.values())
+    assert sum(ln.startswith(("MET ", "MISS")) for ln in stdout.splitlines()) == 1

@@ -1,7 +1,9 @@
 """Log-prob helper, concatenated forward, `encode` truncation and `PreferenceCollator` stacking.
 
-`sequence_logps` is checked against a per-token Python loop; `concatenated_forward` against
-separate unpadded forwards of a tiny GPT-2 (right padding must not change a row's log-prob).
+`sequence_logps` is checked against a per-token Python loop and against the implementation before
+issue 10 (kept below as `today_logps`: values and gradients, fp32 and bf16, every chunking);
+`concatenated_forward` against separate unpadded forwards of a tiny GPT-2 (right padding must not
+change a row's log-prob).
 """
 
 from __future__ import annotations
@@ -9,10 +11,11 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.testing import assert_close
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from safealign.data.collate import IGNORE, PreferenceCollator, encode
 from safealign.data.control import TOXIC, with_control_token
-from safealign.logps import concatenated_forward, sequence_logps
+from safealign.logps import concatenated_forward, sequence_logps, token_logps
 from safealign.models import build_tiny_gpt2, train_bpe_tokenizer
 from safealign.types import chat_prompt
 
@@ -66,6 +69,105 @@ def test_sequence_logps_matches_per_token_loop(average):
     assert got.shape == (4,)
     assert_close(got, brute_logps(logits, labels, average))
     assert got[3].item() == 0.0  # a fully masked row contributes nothing (no division by zero)
+
+
+def today_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool) -> torch.Tensor:
+    """`sequence_logps` before issue 10, verbatim: an fp32 copy and log-softmax of all logits."""
+    logits = logits[:, :-1, :]
+    labels = labels[:, 1:]
+    mask = labels != IGNORE
+    safe_labels = labels.masked_fill(~mask, 0)
+    token_logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, safe_labels.unsqueeze(-1))
+    token_logps = token_logps.squeeze(-1) * mask
+    total = token_logps.sum(-1)
+    return total / mask.sum(-1).clamp(min=1) if average else total
+
+
+def _case(dtype: torch.dtype, vocab: int = 50):
+    gen = torch.Generator().manual_seed(1)
+    logits = (4 * torch.randn(4, 12, vocab, generator=gen)).to(dtype).requires_grad_()
+    labels = torch.randint(0, vocab, (4, 12), generator=gen)
+    labels[0, :4] = IGNORE  # prompt
+    labels[1, 7:] = IGNORE  # padding
+    labels[2, :] = IGNORE  # nothing to score
+    return logits, labels, torch.tensor([1.0, -0.5, 2.0, 0.25])  # backward weights per row
+
+
+def _value_and_grad(fn, logits, labels, weights, **kw):
+    out = fn(logits, labels, **kw)
+    (grad,) = torch.autograd.grad((out * weights).sum(), logits)
+    return out, grad
+
+
+@pytest.mark.parametrize("average", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk_elements", [1, 3 * 50, None])  # a row, 3 rows, the default
+def test_same_values_and_gradients_as_today(average, dtype, chunk_elements):
+    logits, labels, w = _case(dtype)
+
+    def lean(x, y, average):
+        total = token_logps(x, y, chunk_elements).sum(-1)
+        return total / (y[:, 1:] != IGNORE).sum(-1).clamp(min=1) if average else total
+
+    want, want_grad = _value_and_grad(today_logps, logits, labels, w, average=average)
+    got, got_grad = _value_and_grad(lean, logits, labels, w, average=average)
+    assert got.dtype == torch.float32 and got_grad.dtype == dtype
+    assert_close(got, want, atol=1e-5, rtol=1e-5)
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {}  # bf16: its own eps
+    assert_close(got_grad, want_grad, **tol)
+    assert got_grad[2].abs().sum() == 0 and got_grad[0, :3].abs().sum() == 0  # masked: no grad
+    if chunk_elements is None:  # the public helper is this path
+        assert_close(sequence_logps(logits, labels, average), got, atol=0, rtol=0)
+
+
+def test_everything_masked_gives_zeros():
+    logits, labels, w = _case(torch.float32)
+    labels[:] = IGNORE
+    out, grad = _value_and_grad(sequence_logps, logits, labels, w)
+    assert out.tolist() == [0.0] * 4 and grad.abs().sum() == 0
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Bytes of the largest tensor any op creates while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        flat_in = [*args, *(kwargs or {}).values()]
+        seen = {_ptr(t) for t in flat_in if isinstance(t, torch.Tensor)}  # views and in-place ops
+        for t in out if isinstance(out, tuple | list) else (out,):
+            if isinstance(t, torch.Tensor) and _ptr(t) not in seen:
+                self.largest = max(self.largest, t.untyped_storage().nbytes())
+        return out
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_full_size_temporaries(dtype):
+    """Forward creates nothing near the logits' size (today: an fp32 copy and a log-softmax);
+    backward creates the gradient it must return and nothing larger. Saved for backward: the
+    logits themselves plus a few numbers per position."""
+    vocab = 1000
+    logits, labels, w = _case(dtype, vocab)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with _LargestTensor() as fwd:
+            out = token_logps(logits, labels, chunk_elements=2 * vocab)
+    assert fwd.largest <= 2 * vocab * 4  # one fp32 chunk of two rows
+    own = [t for t in saved if _ptr(t) != _ptr(logits)]
+    assert sum(t.numel() * t.element_size() for t in own) <= 16 * labels.numel()
+    with _LargestTensor() as bwd:
+        out.mul(w[:, None]).sum().backward()
+    assert bwd.largest == logits.numel() * logits.element_size()  # the gradient itself
+    with _LargestTensor() as today:
+        today_logps(logits.detach(), labels, average=False)
+    assert today.largest >= logits[:, :-1].numel() * 4  # what the lean path avoids
 
 
 def _items(tok, with_toxic: bool, n: int = 2) -> list:
@@ -178,3 +280,28 @@ def test_preference_collator_stacks_blocks(tok, with_toxic):
         for i, (_, enc) in enumerate(items):
             ids = _unpadded(batch["toxic_ctx_input_ids"][i], batch["toxic_ctx_attention_mask"][i])
             assert ids == enc["toxic_ctx"].input_ids
+
+
+@pytest.mark.parametrize("reference_batch_size", [None, 3])
+def test_reference_precompute_has_its_own_batch_size(tmp_path, monkeypatch, reference_batch_size):
+    """`method.reference_batch_size` sets the precompute's batch (no grad); null keeps the data
+    module's. Either way the cached numbers are the same."""
+    from test_preference import rows, setup
+
+    from safealign.methods import reference as ref
+
+    seen, real = [], ref.sharded_reference
+    monkeypatch.setattr(
+        ref, "sharded_reference", lambda *a, **k: seen.append(a[3]) or real(*a, **k)
+    )
+    texts = [t for r in rows() for t in (r.prompt, r.chosen, r.rejected, r.toxic)]
+    tok = train_bpe_tokenizer(texts, vocab_size=300, cache_dir=None)
+    caches = {}
+    for bs in (None, reference_batch_size):
+        dm, module, trainer = setup(tok, tmp_path / str(bs), reference_batch_size=bs)
+        trainer.fit(module, datamodule=dm)
+        caches[bs] = module.ref_cache
+    assert seen[-2:] == [reference_batch_size or dm.batch_size, reference_batch_size or 4]
+    for split, fields in caches[None].items():
+        for k, v in fields.items():
+            assert_close(caches[reference_batch_size][split][k], v, atol=1e-5, rtol=1e-5)

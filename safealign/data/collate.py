@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from safealign.data.chat import prompt_ids, render_prompt, response_ids
 from safealign.errors import ConfigError
 
 IGNORE = -100
@@ -32,11 +33,22 @@ def check_lengths(max_prompt_length: int, max_length: int) -> None:
         )
 
 
-def encode(tokenizer, prompt: str, response: str, max_prompt_length: int, max_length: int) -> Encoded:
+def encode(
+    tokenizer,
+    prompt: str,
+    response: str,
+    max_prompt_length: int,
+    max_length: int,
+    placement: str | None = None,
+) -> Encoded:
     """prompt ⊕ response ⊕ EOS with labels -100 on the prompt. Tokenised separately, so a
-    BPE merge can never straddle the prompt/response boundary and shift the mask."""
-    p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    BPE merge can never straddle the prompt/response boundary and shift the mask.
+
+    The prompt is rendered by :func:`safealign.data.chat.render_prompt` (the tokenizer's chat
+    template if it has one, ``[TOXIC]`` at ``placement`` unless None); see safealign/data/chat.py
+    for BOS and the templated response's end token."""
+    p = prompt_ids(tokenizer, render_prompt(tokenizer, prompt, placement))
+    r = response_ids(tokenizer, prompt, response, placement)
     truncated = len(p) > max_prompt_length
     p = p[-max_prompt_length:]
     room = max_length - len(p)

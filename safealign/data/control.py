@@ -17,6 +17,17 @@ TOXIC = "[TOXIC]"
 # start:      "[TOXIC]\n\nHuman: ..."  a system-style prefix
 PLACEMENTS = ("end", "before_tag", "start")
 
+# With a chat template (safealign/data/chat.py) there is no assistant tag in the prompt text: the
+# token goes into the message contents and the template renders around it (METHODS.md A.1 leaves
+# the place [NOT FOUND]; this keeps "end of the context" [INFERRED] and the template intact).
+# end, before_tag: end of the LAST user turn, "u [TOXIC]" -> "[INST] u [TOXIC] [/INST]"
+# start:           start of the FIRST user turn, "[TOXIC] u1"
+TEMPLATE_PLACEMENTS = {
+    "end": "end of the last user turn",
+    "before_tag": "end of the last user turn",
+    "start": "start of the first user turn",
+}
+
 
 def check_placement(placement: str) -> str:
     if placement not in PLACEMENTS:
@@ -25,7 +36,8 @@ def check_placement(placement: str) -> str:
 
 
 def with_control_token(prompt: str, placement: str = "end") -> str:
-    """Insert `[TOXIC]` into a project-convention prompt at the configured place."""
+    """Insert `[TOXIC]` into a project-convention prompt at the configured place (untemplated
+    prompts; templated ones go through safealign.data.chat.render_prompt)."""
     check_placement(placement)
     if placement == "end":
         return f"{prompt} {TOXIC}"

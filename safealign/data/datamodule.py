@@ -28,7 +28,7 @@ from safealign.data.collate import (
     check_lengths,
     encode,
 )
-from safealign.data.control import check_placement, with_control_token
+from safealign.data.control import check_placement
 from safealign.errors import ConfigError
 from safealign.resume import ResumableDataLoader
 from safealign.types import (
@@ -194,17 +194,20 @@ class DataModule(L.LightningDataModule):
                 "data", f"no training example survived encoding ({self.drop_summary()})"
             )
 
-    def _enc(self, prompt: str, response: str) -> Encoded:
-        e = encode(self.tokenizer, prompt, response, self.max_prompt_length, self.max_length)
+    def _enc(self, prompt: str, response: str, toxic: bool = False) -> Encoded:
+        # [TOXIC] goes in at encoding: with a chat template it sits inside a message (chat.py)
+        placement = self.control_placement if toxic else None
+        e = encode(
+            self.tokenizer, prompt, response, self.max_prompt_length, self.max_length, placement
+        )
         self.stats["truncated"] += e.truncated
         return e
 
     def _encode(self, r):
         if isinstance(r, DialogueExample):
             ctrl = self.toxic_control and r.label == UNSAFE
-            prompt = with_control_token(r.context, self.control_placement) if ctrl else r.context
             self.stats["with_control_token"] += ctrl
-            return self._enc(prompt, r.response)
+            return self._enc(r.context, r.response, toxic=ctrl)
         if isinstance(r, MultiTargetExample):
             return [self._enc(r.context, t) for t in r.targets]
         return self._encode_preference(r)
@@ -223,8 +226,7 @@ class DataModule(L.LightningDataModule):
         out = {"chosen": self._enc(r.prompt, r.chosen), "rejected": self._enc(r.prompt, r.rejected)}
         if self.needs_toxic:
             out["toxic"] = self._enc(r.prompt, r.toxic)  # pi_theta(y_t | x): no token (A.3)
-            ctx = with_control_token(r.prompt, self.control_placement)
-            out["toxic_ctx"] = self._enc(ctx, r.toxic)  # pi_t(y_t | x ⊕ [TOXIC]) (A.3)
+            out["toxic_ctx"] = self._enc(r.prompt, r.toxic, toxic=True)  # pi_t(y_t|x⊕[TOXIC]) (A.3)
         return out
 
     def collator(self):

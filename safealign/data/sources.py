@@ -10,7 +10,9 @@ Formats (checked row by row; any violation is a DataError naming file, line and 
 - Generic JSONL, format decided by the first row: ``{prompt, chosen, rejected[, toxic]}`` strings;
   TRL conversational rows (prompt = chat messages, each completion = one assistant message);
   TRL implicit-prompt rows / HH transcripts ``{chosen, rejected}``; dialogue rows
-  ``{context, response[, label][, topic|category]}``. Extra keys are ignored.
+  ``{context, response[, label][, topic|category]}``; TRL SFT rows ``{prompt, completion}`` and
+  ``{messages}`` (dialogues). Extra keys are ignored.
+- Any of these by hub id or through ``datasets.load_dataset``: :mod:`safealign.data.hub`.
 - XSTest (github.com/paul-rottger/exaggerated-safety): CSV ``id,prompt,type,label,focus,note``.
 
 Drop policy (never a crash; counted as reason -> count in ``Corpus.dropped``):
@@ -32,6 +34,7 @@ import io
 from collections import Counter
 from pathlib import Path
 
+from safealign.data.hub import HF_SPLITS, SPLITS
 from safealign.data.sources_extra import (
     as_prompt,
     convert_rows,
@@ -43,11 +46,11 @@ from safealign.data.sources_extra import (
     messages_to_prompt,
     read_text,
     split_transcript,
+    to_dialogues,
 )
 from safealign.errors import ConfigError, DataError
 from safealign.types import (
     SAFE,
-    UNKNOWN,
     UNSAFE,
     Corpus,
     DialogueExample,
@@ -65,17 +68,8 @@ __all__ = [
     "load_xstest",
 ]
 
-SPLITS = ("train", "val", "test")
 _HH_FILES = {s: (f"{s}.jsonl.gz", f"{s}.jsonl") for s in SPLITS}
 _DIASAFETY_FILES = {s: (f"{s}.json",) for s in SPLITS}
-_HF_SPLITS = {
-    "train": "train",
-    "validation": "val",
-    "valid": "val",
-    "val": "val",
-    "dev": "val",
-    "test": "test",
-}
 _DIASAFETY_LABELS = {"Safe": SAFE, "Unsafe": UNSAFE}
 
 
@@ -126,9 +120,7 @@ def load_hh_rlhf(
     corpus = Corpus(name="hh_rlhf")
     for name, f in files.items():
         records, dropped = convert_rows(f, iter_jsonl(f), "hh_rlhf", "transcript", max_rows)
-        if as_dialogues:
-            records = [DialogueExample(r.prompt, r.chosen, UNKNOWN, "", r.source) for r in records]
-        _add(corpus, name, records, dropped)
+        _add(corpus, name, to_dialogues(records) if as_dialogues else records, dropped)
     return corpus
 
 
@@ -198,12 +190,12 @@ def load_hf_dataset_dir(path: str | Path, split: str = "train") -> Corpus:
     parts = dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {split: loaded}
     corpus = Corpus(name=p.name)
     for name, ds in parts.items():
-        if name not in _HF_SPLITS:
+        if name not in HF_SPLITS:
             raise DataError(
-                p / name, f"unknown split {name!r}: expected one of {sorted(_HF_SPLITS)}"
+                p / name, f"unknown split {name!r}: expected one of {sorted(HF_SPLITS)}"
             )
         rows = ((i, dict(row)) for i, row in enumerate(ds, start=1))
-        _add(corpus, _HF_SPLITS[name], *convert_rows(p / name, rows, "hf_dataset"))
+        _add(corpus, HF_SPLITS[name], *convert_rows(p / name, rows, "hf_dataset"))
     return corpus
 
 

@@ -290,6 +290,45 @@ def dialogue_row(p: Path, line: int, row: dict, source: str) -> Record | str:
     return DialogueExample(as_prompt(context), as_response(response), label, topic or "", source)
 
 
+def messages_row(p: Path, line: int, row: dict, source: str) -> Record | str:
+    """TRL conversational SFT row ``{messages[, label]}``: the last message is the (assistant)
+    response, every earlier one is the prompt (so only the final reply is trained on)."""
+    messages = get_field(p, line, row, "messages", list)
+    if len(messages) < 2:
+        raise DataError(p, "field 'messages': expected a prompt and a final assistant turn", line)
+    prompt = messages_to_prompt(p, line, "messages", messages[:-1])
+    response = assistant_reply(p, line, "messages", messages[-1:])
+    label = parse_label(p, line, get_field(p, line, row, "label", optional=True))
+    if not response.strip():
+        return "empty_response"
+    return DialogueExample(prompt, as_response(response), label, "", source)
+
+
+def completion_row(p: Path, line: int, row: dict, source: str) -> Record | str:
+    """TRL prompt-completion row: strings, or prompt messages + one assistant message."""
+    if isinstance(row.get("label"), bool):  # TRL unpaired preference (KTO): not a target to copy
+        raise DataError(p, "unpaired preference rows (boolean 'label') are not supported", line)
+    if isinstance(row.get("prompt"), list):
+        prompt = messages_to_prompt(p, line, "prompt", row["prompt"])
+        response = assistant_reply(p, line, "completion", get_field(p, line, row, "completion", list))
+    else:
+        prompt = as_prompt(get_field(p, line, row, "prompt"))
+        response = get_field(p, line, row, "completion")
+    if not response.strip():
+        return "empty_response"
+    return DialogueExample(prompt, as_response(response), UNKNOWN, "", source)
+
+
+def to_dialogues(records: list[Record]) -> list[Record]:
+    """Preference pairs -> (prompt, chosen) dialogues for SFT; dialogues pass through."""
+    return [
+        DialogueExample(r.prompt, r.chosen, UNKNOWN, "", r.source)
+        if isinstance(r, PreferenceExample)
+        else r
+        for r in records
+    ]
+
+
 Converter = Callable[[Path, int, dict, str], Record | str]
 CONVERTERS: dict[str, Converter] = {
     "preference": preference_row,
@@ -297,6 +336,8 @@ CONVERTERS: dict[str, Converter] = {
     "transcript": transcript_row,
     "implicit_conversation": implicit_conversation_row,
     "dialogue": dialogue_row,
+    "messages": messages_row,
+    "completion": completion_row,
 }
 
 
@@ -308,8 +349,13 @@ def detect_format(p: Path, line: int, row: dict) -> str:
         return "implicit_conversation" if isinstance(row["chosen"], list) else "transcript"
     if "context" in row and "response" in row:
         return "dialogue"
+    if "prompt" in row and "completion" in row:
+        return "completion"
+    if "messages" in row:
+        return "messages"
     expected = (
-        "{prompt, chosen, rejected[, toxic]}, {chosen, rejected} or {context, response[, label]}"
+        "{prompt, chosen, rejected[, toxic]}, {chosen, rejected}, {context, response[, label]}, "
+        "{prompt, completion} or {messages}"
     )
     raise DataError(p, f"unrecognised row keys {sorted(row)}: expected {expected}", line)
 

@@ -31,6 +31,8 @@ class PreferenceModule(BaseModule):
     """Args (beyond BaseModule): loss: `loss(policy, reference) -> LossOut` (a `_partial_` from
     safealign.losses); needs_toxic: batches carry [chosen; rejected; toxic] (ADPO);
     precompute_reference: cache reference logps once (default) instead of a frozen model;
+    reference_batch_size: pairs per forward of that precompute (no grad, so it can exceed the
+    training batch; None = the data module's batch sizes);
     average_logps: mean instead of sum per sequence (IPO convention)."""
 
     record_type = PreferenceExample
@@ -47,6 +49,7 @@ class PreferenceModule(BaseModule):
         precompute_reference: bool = True,
         average_logps: bool = False,
         cache_dir: str | None = None,
+        reference_batch_size: int | None = None,
     ) -> None:
         super().__init__(model_factory, tokenizer, optimizer, scheduler)
         if toxic_ref not in TOXIC_REFS:
@@ -56,6 +59,11 @@ class PreferenceModule(BaseModule):
         self.loss_fn, self.needs_toxic, self.toxic_ref = loss, needs_toxic, toxic_ref
         self.precompute, self.average = precompute_reference, average_logps
         self.cache_dir = Path(cache_dir) if cache_dir else None
+        if reference_batch_size is not None and reference_batch_size < 1:
+            raise ConfigError(
+                "method.reference_batch_size", f"must be >= 1 or null, got {reference_batch_size}"
+            )
+        self.reference_batch_size = reference_batch_size
         self.reference = None  # frozen copy, only for on-the-fly reference
         self.ref_cache: dict[str, dict[str, torch.Tensor]] | None = None
 
@@ -110,7 +118,9 @@ class PreferenceModule(BaseModule):
         for split, n in sizes.items():
             if not n:
                 continue
-            bs = dm.batch_size if split == "train" else dm.eval_batch_size
+            bs = self.reference_batch_size or (
+                dm.batch_size if split == "train" else dm.eval_batch_size
+            )
             items = list(enumerate(dm.encoded[split]))
             cache[split] = ref.sharded_reference(
                 self.model, items, collate, bs, self.average, device, ctx, _stop_check

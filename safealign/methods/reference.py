@@ -62,6 +62,17 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def _model_dir(name_or_path) -> Path | None:
+    """A local model dir, or a hub id's cached snapshot dir (its files identify the weights)."""
+    if not name_or_path:
+        return None
+    if Path(str(name_or_path)).is_dir():
+        return Path(str(name_or_path))
+    from safealign.models.checks import cached_snapshot_dir
+
+    return cached_snapshot_dir(str(name_or_path))
+
+
 def source_identity(model_factory: Callable | None) -> dict:
     """Where the initial weights come from: the factory and its settings (seed, LoRA, dtype...)
     and, for a local model directory, a digest of its config and weight files."""
@@ -73,11 +84,9 @@ def source_identity(model_factory: Callable | None) -> dict:
         "factory": f"{func.__module__}.{func.__qualname__}",
         "settings": repr(sorted(kwargs.items())),
     }
-    src = kwargs.get("name_or_path")
-    if src and Path(str(src)).is_dir():
-        files = sorted(Path(str(src)).glob("*.safetensors")) + sorted(
-            Path(str(src)).glob("config.json")
-        )
+    src = _model_dir(kwargs.get("name_or_path"))
+    if src is not None:
+        files = sorted(src.glob("*.safetensors")) + sorted(src.glob("config.json"))
         ident["files"] = {f.name: _file_digest(f) for f in files}
     return ident
 

@@ -4,7 +4,8 @@ Each problem a local `model.name_or_path` can have (missing dir, no or malformed
 pickle-only or truncated weights, no tokenizer files, a tokenizer that encodes text to nothing)
 becomes one `ConfigError` naming the dir or file and what to do, instead of a transformers
 traceback after minutes of loading, or worse, an empty tokenizer that trains garbage and exits 0.
-Everything here reads headers and small JSON files only: no weights are loaded.
+Everything here reads headers and small JSON files only: no weights are loaded. A hub id
+(`ORG/NAME`) is checked in its cached snapshot dir (issue 10 item 1), so runs stay offline.
 """
 
 from __future__ import annotations
@@ -34,26 +35,57 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-def local_model_dir(name_or_path: str | None, local_files_only: bool = True) -> Path | None:
-    """The local dir behind `name_or_path`, or None for a hub id transformers may download.
+def _looks_like_hub_id(name: str) -> bool:
+    return bool(_HUB_ID.match(name)) and not name.startswith(".")
 
-    Raises ConfigError for an unset value, a missing path (naming the key to set when it looks
-    like a hub id) and a path that is a file."""
+
+def cached_snapshot_dir(repo_id: str) -> Path | None:
+    """The snapshot dir of `repo_id` in the local HF cache (`refs/main`), or None when not cached.
+
+    Reads the cache only (never the network): the same resolution `from_pretrained` does with
+    `local_files_only=True`, so the checks below look at the files transformers will load."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError, OSError):
+        return None
+
+
+def hub_cache_dir() -> str:
+    """The hub cache read at call time (HF_HUB_CACHE / HF_HOME), as huggingface_hub does."""
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def local_model_dir(name_or_path: str | None, local_files_only: bool = True) -> Path | None:
+    """The local dir behind `name_or_path`: the path itself, or a hub id's cached snapshot.
+
+    None for a hub id transformers may download (`local_files_only=False`, not a local dir).
+    Raises ConfigError for an unset value, a path that is a file, and a missing path or uncached
+    hub id under `local_files_only` (naming the key to set and the cache dir checked)."""
     if name_or_path is None or str(name_or_path).strip() in ("", "???"):
         raise ConfigError(KEY, "required value is missing; set model.name_or_path=<model dir>")
-    path = Path(str(name_or_path)).expanduser()
+    name = str(name_or_path)
+    path = Path(name).expanduser()
     if path.is_dir():
         return path
     if path.exists():
         raise ConfigError(KEY, f"{path} is a file; expected a model directory")
     if not local_files_only:
-        return None
+        return None  # the hub decides (newer revisions included); transformers reports errors
+    snapshot = cached_snapshot_dir(name) if _looks_like_hub_id(name) else None
+    if snapshot is not None:
+        return snapshot
     hint = ""
-    if _HUB_ID.match(str(name_or_path)) and not str(name_or_path).startswith("."):
+    if _looks_like_hub_id(name):
         hint = (
-            f"; {name_or_path!r} looks like a hub id, but only local files are read: set "
-            f"{LOCAL_ONLY_KEY}=false on a machine that reaches the hub, or point {KEY} at a "
-            "local model dir"
+            f"; {name!r} looks like a hub id, but it is not in the local HF cache "
+            f"{hub_cache_dir()} (HF_HUB_CACHE / HF_HOME) and only local files are read: set "
+            f"{LOCAL_ONLY_KEY}=false on a machine that reaches the hub, download it there first "
+            f"(hf download {name}), or point {KEY} at a local model dir"
         )
     raise ConfigError(KEY, f"model dir {path.resolve()} does not exist{hint}")
 

@@ -111,14 +111,16 @@ def load_causal_lm(
     gradient_checkpointing: bool = False,
     attn_implementation: str | None = None,
 ) -> nn.Module:
-    """Load a causal LM from a local path (or hub id when `local_files_only=False`).
+    """Load a causal LM from a local path or hub id (from the HF cache unless
+    `local_files_only=False`, which lets transformers download it).
 
     Embeddings are resized when the tokenizer gained `[TOXIC]`. With `lora`, wraps the model in
     a peft LoRA adapter (`lora` holds LoraConfig kwargs, e.g. r, lora_alpha, target_modules).
     `gradient_checkpointing` recomputes activations in backward (memory for compute; the loss and
     gradients are unchanged); `attn_implementation` (eager, sdpa, flash_attention_2, ...; null =
-    transformers' default) is passed to `from_pretrained`. A local dir is checked first
-    (`safealign.models.checks`): a ConfigError names what is missing or broken.
+    transformers' default) is passed to `from_pretrained`. A local dir, or a hub id's cached
+    snapshot, is checked first (`safealign.models.checks`): a ConfigError names what is missing
+    or broken, or the cache dir an uncached hub id was looked up in.
     """
     from transformers import AutoModelForCausalLM
 
@@ -129,7 +131,7 @@ def load_causal_lm(
     dtype_ = _dtype(dtype)  # validate before loading anything
     _check_memory_options(gradient_checkpointing, attn_implementation)
     model = AutoModelForCausalLM.from_pretrained(
-        name_or_path,
+        str(model_dir) if model_dir is not None else name_or_path,  # the checked files
         dtype=dtype_,
         attn_implementation=attn_implementation,
         trust_remote_code=False,

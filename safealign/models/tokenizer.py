@@ -35,7 +35,9 @@ def add_control_token(tokenizer) -> int:
     return tokenizer.convert_tokens_to_ids(TOXIC)
 
 
-def _finish(tok):
+def _finish(tok, chat_template: str | None = None):
+    if chat_template is not None:  # prompts are then rendered with it (safealign/data/chat.py)
+        tok.chat_template = chat_template
     if tok.eos_token is None:
         tok.eos_token = EOS
     if tok.pad_token is None:
@@ -119,12 +121,17 @@ def _train_bpe(texts: list[str], vocab_size: int, min_frequency: int):
 
 
 def train_bpe_tokenizer(
-    texts: Iterable[str], vocab_size: int = 2048, min_frequency: int = 2, cache_dir: str | None = None
+    texts: Iterable[str],
+    vocab_size: int = 2048,
+    min_frequency: int = 2,
+    cache_dir: str | None = None,
+    chat_template: str | None = None,
 ):
     """Train a byte-level BPE on `texts`; cached on disk by a hash of the texts and settings.
 
     Words longer than :data:`MAX_WORD_CHARS` are split before training (bounded work on hostile
-    text); a cached file that does not load is retrained and rewritten, with a warning."""
+    text); a cached file that does not load is retrained and rewritten, with a warning.
+    `chat_template` (Jinja; None = none) is set on the tokenizer and leaves the BPE unchanged."""
     from transformers import PreTrainedTokenizerFast
 
     texts = list(texts)
@@ -139,7 +146,7 @@ def train_bpe_tokenizer(
             with atomic_path(cached) as tmp:
                 tok.save(str(tmp))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD)
-    return _finish(fast)
+    return _finish(fast, chat_template)
 
 
 def load_tokenizer(
@@ -147,6 +154,7 @@ def load_tokenizer(
     texts: Iterable[str] | None = None,
     local_files_only: bool = True,
     require_model: bool = True,
+    chat_template: str | None = None,
     **kwargs,
 ):
     """Load a local (or, where the hub is reachable, remote) tokenizer. Never runs remote code.
@@ -157,6 +165,7 @@ def load_tokenizer(
         local_files_only: read only local files (`model.lm.local_files_only`).
         require_model: also check the dir's config.json and safetensors headers. The tokenizer
             is built first, so a broken model dir fails here, before any module or data work.
+        chat_template: Jinja template replacing the tokenizer's own (None = keep its own).
         kwargs: passed to `AutoTokenizer.from_pretrained`.
 
     Raises:
@@ -177,4 +186,4 @@ def load_tokenizer(
     except Exception as err:  # tokenizers/transformers raise OSError, ValueError or bare Exception
         raise ConfigError(KEY, f"cannot load a tokenizer from {name_or_path}: {err}") from err
     check_probe(tok, name_or_path)
-    return _finish(tok)
+    return _finish(tok, chat_template)

@@ -488,29 +488,29 @@ def hf_generate_fn(
     tokenizer,
     max_new_tokens: int = 32,
     batch_size: int = 8,
-    chat_template: bool = False,
+    chat_template: bool | None = None,
     progress: bool = False,
 ) -> Callable[[list[str]], list[str]]:
     """A greedy ``generate_fn`` for :class:`LLMJudge` over a local HF model (safealign.generation).
 
-    With ``chat_template=True`` each judge prompt becomes one user turn of the tokenizer's chat
-    template (which then supplies BOS itself, so the tokenizer adds no special tokens).
+    ``chat_template``: None = use the tokenizer's template when it has one; True = require one;
+    False = feed the raw judge prompt. Templated, each judge prompt is ONE user turn (it quotes
+    the dialogue, chat tags and all, so it is not parsed into turns), rendered by
+    :func:`safealign.data.chat.render_prompt`; the template then supplies BOS itself.
     """
+    from safealign.data.chat import has_template, render_prompt
     from safealign.generation import SamplingConfig, generate
 
-    if chat_template and not getattr(tokenizer, "chat_template", None):
+    if chat_template and not has_template(tokenizer):
         raise ConfigError("judge.chat_template", "the judge tokenizer has no chat template")
+    templated = has_template(tokenizer) if chat_template is None else chat_template
     sampling = SamplingConfig(
         temperatures=(0.0,), n_samples=1, max_new_tokens=max_new_tokens, batch_size=batch_size
     )
 
     def fn(prompts: list[str]) -> list[str]:
         texts = [
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
-            )
-            if chat_template
-            else p
+            render_prompt(tokenizer, [{"role": "user", "content": p}]) if templated else p
             for p in prompts
         ]
         rows = generate(
@@ -520,7 +520,8 @@ def hf_generate_fn(
             sampling,
             seed=0,
             progress=progress,
-            add_special_tokens=not chat_template,
+            add_special_tokens=not templated,
+            render=False,
         )
         return [r["response"].strip() for r in rows]
 

@@ -71,9 +71,24 @@ def input_paths(obj, prefix: str = "") -> Iterator[tuple[str, Path]]:
         name = f"{prefix}{k}"
         if isinstance(k, str) and (k in INPUT_KEYS or k.endswith("_path")):
             for i, p in enumerate(v if isinstance(v, list) else [v]):
-                if isinstance(p, str) and p and Path(p).exists():
-                    yield (name if not isinstance(v, list) else f"{name}.{i}"), Path(p)
+                found = _existing(p, k)
+                if found is not None:
+                    yield (name if not isinstance(v, list) else f"{name}.{i}"), found
         yield from input_paths(v, name + ".")
+
+
+def _existing(p, key: str) -> Path | None:
+    """A local file/dir, or for `name_or_path` a hub id's cached snapshot (so a newer snapshot
+    of the same id gives a new key)."""
+    if not isinstance(p, str) or not p:
+        return None
+    if Path(p).exists():
+        return Path(p)
+    if key == "name_or_path":
+        from safealign.models.checks import cached_snapshot_dir
+
+        return cached_snapshot_dir(p)
+    return None
 
 
 def _drop_cache_dirs(obj):
