@@ -4,7 +4,7 @@ Prompts are project-format transcripts (``"\\n\\nHuman: u\\n\\nAssistant:"``, sa
 Without a chat template on the tokenizer they are fed as they are (``[TOXIC]`` inserted by
 :func:`safealign.data.control.with_control_token`): ids are unchanged from before this module.
 With one (the tokenizer's own, or ``model.tokenizer.chat_template``) the transcript is parsed into
-user/assistant turns (:func:`safealign.data.classify.dialogue_turns`) and rendered with
+user/assistant turns (:func:`dialogue_turns`) and rendered with
 ``tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)``, for SFT,
 preference training, generation, the LLM judge and evaluation alike (:func:`render_prompt`).
 
@@ -25,11 +25,28 @@ Decisions (each checked in tests/test_chat_template.py):
 
 from __future__ import annotations
 
+import re
+
 from safealign.data.control import TOXIC, check_placement, with_control_token
 from safealign.errors import ConfigError
+from safealign.types import ASSISTANT_TAG, HUMAN_TAG
 
 Messages = list[dict[str, str]]
+_TAGS = re.compile(f"({re.escape(HUMAN_TAG)}|{re.escape(ASSISTANT_TAG)})")
 ROLES = {"user": "user", "system": "assistant"}  # dialogue_turns speaker -> chat role
+
+
+def dialogue_turns(context: str) -> list[tuple[str, str]]:
+    """(speaker, text) turns of a project-format context, speaker "user" or "system". The
+    prompt's final empty ``"\\n\\nAssistant:"`` (it opens the reply) is dropped; text outside
+    the chat tags is a user turn."""
+    parts = _TAGS.split(context)
+    turns = [("user", parts[0].strip())] if parts[0].strip() else []
+    for tag, text in zip(parts[1::2], parts[2::2], strict=True):
+        turns.append(("user" if tag == HUMAN_TAG else "system", text.strip()))
+    if turns and turns[-1] == ("system", ""):
+        turns.pop()
+    return turns
 
 
 def has_template(tokenizer) -> bool:
@@ -39,8 +56,6 @@ def has_template(tokenizer) -> bool:
 def to_messages(prompt: str, placement: str | None = None) -> Messages:
     """User/assistant messages of a project-format prompt, ``[TOXIC]`` placed when asked
     (``end``/``before_tag``: end of the last user turn; ``start``: start of the first)."""
-    from safealign.data.classify import dialogue_turns  # classify imports the datamodule
-
     msgs = [{"role": ROLES[who], "content": text} for who, text in dialogue_turns(prompt)]
     if placement is None:
         return msgs

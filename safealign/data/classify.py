@@ -14,35 +14,21 @@ Training and scoring tokenise with the same call as
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Sampler
 
+from safealign.data.chat import dialogue_turns
 from safealign.data.collate import pad
 from safealign.data.datamodule import DataModule
 from safealign.errors import ConfigError
-from safealign.types import ASSISTANT_TAG, EVASIVE, HUMAN_TAG, SAFE, UNSAFE
+from safealign.types import EVASIVE, SAFE, UNSAFE
 
 USER, SYSTEM = "<|user|>", "<|system|>"
 INPUT_TEMPLATE = USER + "{context}" + SYSTEM + "{response}"  # B.7, for HFClassifierScorer
 LABEL_IDS = {SAFE: 0, EVASIVE: 0, UNSAFE: 1}
-_TAGS = re.compile(f"({re.escape(HUMAN_TAG)}|{re.escape(ASSISTANT_TAG)})")
-
-
-def dialogue_turns(context: str) -> list[tuple[str, str]]:
-    """(speaker, text) turns of a project-format context, speaker "user" or "system". The
-    prompt's final empty ``"\\n\\nAssistant:"`` (it opens the reply) is dropped; text outside
-    the chat tags is a user turn."""
-    parts = _TAGS.split(context)
-    turns = [("user", parts[0].strip())] if parts[0].strip() else []
-    for tag, text in zip(parts[1::2], parts[2::2], strict=True):
-        turns.append(("user" if tag == HUMAN_TAG else "system", text.strip()))
-    if turns and turns[-1] == ("system", ""):
-        turns.pop()
-    return turns
 
 
 def classifier_context(context: str) -> str:

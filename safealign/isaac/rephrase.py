@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from safealign.data.classify import dialogue_turns
+from safealign.data.chat import dialogue_turns
 from safealign.data.collate import IGNORE, pad
 from safealign.errors import ConfigError
 from safealign.isaac.datamodule import IsaacDataModule
