@@ -10,7 +10,8 @@ import argparse
 import gc
 import time
 
-from safealign.data.builtin import generate_builtin, label_counts, preference_triples
+from safealign.data.builtin import generate_builtin, label_counts
+from safealign.data.triples import preference_triples
 from safealign.types import EVASIVE, SAFE, UNSAFE
 
 

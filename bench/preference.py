@@ -1,6 +1,7 @@
 """safealign DPO/ADPO vs TRL DPOTrainer: training throughput and peak memory (issue 3).
 
-Run: .venv/bin/python bench/preference.py [--repeats 2] [--max-load 1.5] [--steps 30] [--smoke]
+Run: .venv/bin/python bench/preference.py [--repeats 3] [--max-load 1.5] [--steps 30] [--smoke]
+     .venv/bin/python bench/preference.py --data hh [--repeats 3]   # HH-RLHF pairs, long contexts
 
 Every row trains the same config-built GPT-2 on the same built-in preference triples with the
 same batch size, max length, fp32, AdamW (lr, no weight decay, constant), grad clip 1.0, torch
@@ -46,15 +47,26 @@ from common import (
 
 HERE = Path(__file__).resolve()
 DEFAULT_OUT = HERE.parent / "results" / "preference.json"
-# name -> (framework, method, reference precomputed?)
-ROWS: dict[str, tuple[str, str, bool]] = {
-    "safealign DPO": ("safealign", "dpo", True),
-    "safealign DPO otf": ("safealign", "dpo", False),
-    "safealign ADPO": ("safealign", "adpo", True),
-    "safealign ADPO otf": ("safealign", "adpo", False),
-    "TRL DPO": ("trl", "dpo", True),
-    "TRL DPO otf": ("trl", "dpo", False),
+# name -> (framework, method, reference precomputed?, shared-prompt forward?)
+ROWS: dict[str, tuple[str, str, bool, bool]] = {
+    "safealign DPO": ("safealign", "dpo", True, True),
+    "safealign DPO otf": ("safealign", "dpo", False, True),
+    "safealign ADPO": ("safealign", "adpo", True, True),
+    "safealign ADPO otf": ("safealign", "adpo", False, True),
+    "safealign DPO unshared": ("safealign", "dpo", True, False),
+    "safealign ADPO unshared": ("safealign", "adpo", True, False),
+    "TRL DPO": ("trl", "dpo", True, False),
+    "TRL DPO otf": ("trl", "dpo", False, False),
 }
+DEFAULT_ROWS = ["safealign DPO", "safealign ADPO", "safealign DPO unshared",
+                "safealign ADPO unshared", "TRL DPO"]  # fmt: skip
+REPO = HERE.parent.parent
+HH_FILE = REPO.parent / "shared" / "data" / "hh_rlhf_harmless_base" / "test.jsonl.gz"
+# --data hh: HH-RLHF harmless-base pairs (multi-turn contexts, longer than the responses).
+# Pairs whose prompt + longer response exceed HH_MAX_CHARS are skipped so that neither framework
+# truncates anything (max_length below holds every kept pair; checked in setup).
+HH = {"max_prompt_length": 448, "max_length": 512, "batch_size": 4, "steps": 15}
+HH_MAX_CHARS = 1200
 
 
 @dataclass(frozen=True)
@@ -72,6 +84,7 @@ class Config:
     threads: int = 2
     data_size: int = 2000
     seed: int = 0
+    data: str = "builtin"  # builtin | hh
     dpo_beta: float = 0.9  # conf/method/dpo.yaml
     adpo_beta: float = 0.3  # conf/method/adpo.yaml
     adpo_gamma: float = 0.2
@@ -95,9 +108,9 @@ def setup(cfg: Config, needs_toxic: bool):
     n = cfg.batch_size * (
         cfg.warmup + cfg.steps
     )  # exactly one epoch: every row sees every pair once
-    corpus = builtin_preferences(size=cfg.data_size, seed=cfg.seed)
+    corpus = hh_pairs() if cfg.data == "hh" else builtin_preferences(size=cfg.data_size, seed=cfg.seed)
     if len(corpus.train) < n:
-        raise ValueError(f"--data-size {cfg.data_size} gives {len(corpus.train)} pairs, need {n}")
+        raise ValueError(f"{cfg.data} data gives {len(corpus.train)} pairs, need {n}")
     # Train split only: both frameworks precompute the reference over the same n pairs.
     data = Corpus(train=corpus.train[:n], val=[], test=[], name="builtin-bench")
     dm = DataModule(data, batch_size=cfg.batch_size, max_prompt_length=cfg.max_prompt_length,
@@ -107,6 +120,21 @@ def setup(cfg: Config, needs_toxic: bool):
     if dm.stats["truncated"]:
         raise ValueError(f"{dm.stats['truncated']} rows truncated: raise --max-length")
     return data.train, dm, tok
+
+
+def hh_pairs():
+    """HH-RLHF harmless-base test pairs (../shared/data) short enough not to be truncated. HH has
+    no toxic responses: for the ADPO rows the third branch is the rejected text again (timing
+    only: it has the length and the shared prompt of a real toxic branch)."""
+    from safealign.data.sources import load_hh_rlhf
+    from safealign.types import Corpus, PreferenceExample
+
+    if not HH_FILE.is_file():
+        raise SystemExit(f"--data hh needs {HH_FILE} (../shared/data beside the checkout)")
+    rows = [e for e in load_hh_rlhf(HH_FILE, split="train").train
+            if len(e.prompt) + max(len(e.chosen), len(e.rejected)) <= HH_MAX_CHARS]  # fmt: skip
+    return Corpus(train=[PreferenceExample(e.prompt, e.chosen, e.rejected, e.rejected, "hh")
+                         for e in rows], name="hh-bench")  # fmt: skip
 
 
 def model_factory(cfg: Config):
@@ -129,7 +157,7 @@ def timed(sink: dict, fn):
 
 
 # ---------------------------------------------------------------- safealign row
-def run_safealign(cfg: Config, method: str, precompute: bool) -> dict:
+def run_safealign(cfg: Config, method: str, precompute: bool, shared: bool) -> dict:
     import lightning.pytorch as L
     import torch
 
@@ -148,7 +176,7 @@ def run_safealign(cfg: Config, method: str, precompute: bool) -> dict:
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             # policy tokens: every row of the concatenated [chosen; rejected(; toxic)] forward
-            self.clock.mark(batch["attention_mask"].sum().item(), batch["index"].numel())
+            self.clock.mark(batch.attention_mask.sum().item(), batch.index.numel())
 
     needs_toxic = method == "adpo"
     _, dm, tok = setup(cfg, needs_toxic)
@@ -159,7 +187,7 @@ def run_safealign(cfg: Config, method: str, precompute: bool) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         module = Timed(model_factory(cfg), tok, partial(torch.optim.AdamW, lr=cfg.lr, weight_decay=0.0),
                        loss, needs_toxic=needs_toxic, precompute_reference=precompute,
-                       cache_dir=f"{tmp}/reflogps")  # fmt: skip
+                       cache_dir=f"{tmp}/reflogps", shared_prompt=shared)  # fmt: skip
         clock = Clock()
         trainer = L.Trainer(
             accelerator="cpu", devices=1, precision="32-true", max_steps=cfg.warmup + cfg.steps,
@@ -241,13 +269,13 @@ def finish(cfg: Config, clock: StepClock, sink: dict, rss_start: float, params: 
 
 
 def child(row: str, cfg: Config) -> None:
-    framework, method, precompute = ROWS[row]
+    framework, method, precompute, shared = ROWS[row]
     if framework == "trl":
         result = run_trl(cfg, precompute)
     else:
-        result = run_safealign(cfg, method, precompute)
+        result = run_safealign(cfg, method, precompute, shared)
     emit_row({"row": row, "framework": framework, "method": method, "precomputed": precompute,
-              **result})  # fmt: skip
+              "shared": shared, **result})  # fmt: skip
 
 
 # ---------------------------------------------------------------- parent: compare and report
@@ -256,7 +284,8 @@ def compare(best: dict[str, dict]) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for name, r in best.items():
         trl_row = best.get(f"TRL DPO{'' if r['precomputed'] else ' otf'}")  # None: not run (--rows)
-        dpo_row = best.get(f"safealign DPO{'' if r['precomputed'] else ' otf'}")
+        mode = ("" if r["precomputed"] else " otf") + ("" if r.get("shared", True) else " unshared")
+        dpo_row = best.get(f"safealign DPO{mode}")
         ratios = {}
         if r["framework"] == "safealign" and trl_row:
             ratios["pairs_per_s_vs_trl"] = r["pairs_per_s"] / trl_row["pairs_per_s"]
@@ -286,15 +315,15 @@ def table(best: dict[str, dict], ratios: dict[str, dict]) -> str:
 
 
 def aims(ratios: dict[str, dict]) -> list[str]:
-    """The issue's aims, judged on wall-clock ratios (CPU-time ratios alongside, for a busy box)."""
+    """Issue 12's aims, judged on wall-clock ratios (CPU-time ratios alongside, for a busy box)."""
     lines = []
     for name, want, key, cpu_key in [
-        ("safealign DPO", 1.3, "pairs_per_s_vs_trl", "pairs_per_cpu_s_vs_trl"),
-        ("safealign DPO otf", 1.3, "pairs_per_s_vs_trl", "pairs_per_cpu_s_vs_trl"),
+        ("safealign DPO", 1.5, "pairs_per_s_vs_trl", "pairs_per_cpu_s_vs_trl"),
+        ("safealign DPO otf", 1.5, "pairs_per_s_vs_trl", "pairs_per_cpu_s_vs_trl"),
         ("safealign DPO", 1.0, "peak_rss_vs_trl", None),
         ("safealign DPO otf", 1.0, "peak_rss_vs_trl", None),
-        ("safealign ADPO", 1.6, "step_vs_dpo", "cpu_step_vs_dpo"),
-        ("safealign ADPO otf", 1.6, "step_vs_dpo", "cpu_step_vs_dpo"),
+        ("safealign ADPO", 1.25, "step_vs_dpo", "cpu_step_vs_dpo"),
+        ("safealign ADPO otf", 1.25, "step_vs_dpo", "cpu_step_vs_dpo"),
     ]:
         if key not in ratios.get(name, {}):
             continue  # a row it needs was not run (--rows)
@@ -312,9 +341,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Confi
     p.add_argument("--config", help="internal: the parent's Config as JSON")
     p.add_argument("--smoke", action="store_true", help="tiny model, 2 steps: checks the plumbing")
     p.add_argument(
-        "--rows", nargs="+", choices=list(ROWS), default=list(ROWS), help="subset to run"
+        "--rows", nargs="+", choices=list(ROWS), default=DEFAULT_ROWS, help="rows to run"
     )
-    p.add_argument("--repeats", type=int, default=1, help="runs per row (interleaved); best kept")
+    p.add_argument("--repeats", type=int, default=3, help="runs per row (interleaved); best kept")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per row process")
     p.add_argument(
@@ -325,7 +354,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Confi
     args = p.parse_args(argv)
     if args.config:
         return args, Config(**json.loads(args.config))
-    return args, dataclass_from_args(args, Config, SMOKE if args.smoke else {})
+    base = {**(HH if args.data == "hh" else {}), **(SMOKE if args.smoke else {})}
+    return args, dataclass_from_args(args, Config, base)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,6 +7,7 @@ import secrets
 import sys
 from collections.abc import Callable
 from datetime import datetime
+from typing import NoReturn
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -39,6 +40,17 @@ def run_stamp(job_id: str | None = None) -> str:
 OmegaConf.register_new_resolver("run_stamp", run_stamp, use_cache=True, replace=True)
 
 
+def report_error(err: BaseException) -> None:
+    """A user error as one line on stderr (no traceback): what every entry point prints."""
+    print(f"error: {err}", file=sys.stderr, flush=True)
+
+
+def fail(err: BaseException) -> NoReturn:
+    """Stop an entry point on a user error: one line on stderr, exit status 2."""
+    report_error(err)
+    raise SystemExit(2) from None
+
+
 def run_task(fn: Callable[[DictConfig], object], cfg: DictConfig):
     try:
         return fn(cfg)
@@ -46,5 +58,4 @@ def run_task(fn: Callable[[DictConfig], object], cfg: DictConfig):
         err = user_error(e)
         if err is None:
             raise
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+        fail(err)

@@ -4,9 +4,9 @@ the rule for which strategies may run inside a Hydra multirun.
 `deepspeed_config` is the single source of the DeepSpeed JSON: `conf/strategy/deepspeed_*.yaml`
 hand it to Lightning's `DeepSpeedStrategy(config=...)`, and `scripts/deepspeed_smoke.py` feeds the
 same dict to raw `deepspeed.initialize` (how it is tested on CPU: Lightning's DeepSpeed strategy
-refuses CPU, raw DeepSpeed does not; /work/shared/ENV.md "Distributed on CPU").
+refuses CPU, raw DeepSpeed does not; docs/cluster.md lists what ran on CPU).
 
-Frozen models and ZeRO-3 (USER-ASKS #9, Lightning #17523/#19042): with the default
+Frozen models and ZeRO-3 (Lightning #17523/#19042): with the default
 `method.precompute_reference=true` the reference log-probs are computed once and the module holds
 ONE model, so ZeRO-3 shards exactly one set of weights. With `precompute_reference=false` the
 frozen reference is a plain attribute (a one-element list, deliberately not a submodule): ZeRO-3
@@ -95,6 +95,24 @@ def deepspeed_config(
     Returns:
         A JSON-serialisable dict.
     """
+    _check_args(stage, precision, bucket_size)
+    cfg: dict[str, Any] = {
+        "zero_optimization": _zero_section(stage, offload, bucket_size, pin_memory),
+        # our optimizers come from `method.optimizer` (AdamW), which DeepSpeed calls "untested"
+        "zero_allow_untested_optimizer": True,
+        **_PRECISION[precision],
+    }
+    raw_only = {  # raw `deepspeed.initialize` keys; Lightning fills (or rejects) them itself
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": gradient_clipping,
+        "optimizer": optimizer,
+    }
+    return cfg | {k: v for k, v in raw_only.items() if v is not None}
+
+
+def _check_args(stage: int, precision: str, bucket_size: int) -> None:
+    """Name the config key of a bad value before DeepSpeed sees it."""
     if stage not in (1, 2, 3):
         raise ConfigError(
             "trainer.strategy.config.stage", f"ZeRO stage must be 1, 2 or 3, got {stage!r}"
@@ -105,21 +123,6 @@ def deepspeed_config(
         )
     if bucket_size < 1:
         raise ConfigError("trainer.strategy.config.bucket_size", f"must be >= 1, got {bucket_size}")
-    cfg: dict[str, Any] = {
-        "zero_optimization": _zero_section(stage, offload, bucket_size, pin_memory),
-        # our optimizers come from `method.optimizer` (AdamW), which DeepSpeed calls "untested"
-        "zero_allow_untested_optimizer": True,
-        **_PRECISION[precision],
-    }
-    if micro_batch_size is not None:
-        cfg["train_micro_batch_size_per_gpu"] = micro_batch_size
-    if grad_accum is not None:
-        cfg["gradient_accumulation_steps"] = grad_accum
-    if gradient_clipping is not None:
-        cfg["gradient_clipping"] = gradient_clipping
-    if optimizer is not None:
-        cfg["optimizer"] = optimizer
-    return cfg
 
 
 def module_classes(paths: list[str]) -> set[type]:

@@ -23,6 +23,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from safealign.cache import without_cache_dirs
 from safealign.errors import ConfigError
 from safealign.utils import is_secret_key
 
@@ -33,7 +34,6 @@ _DROP_TOP = frozenset(
     "paths hydra logger ckpt_path tags task_name optimized_metric eval eval_set scorer "
     "generation".split()
 )
-_DROP_ANYWHERE = frozenset({"cache_dir"})
 _TRAINER_IO = frozenset(
     "default_root_dir callbacks logger enable_progress_bar enable_model_summary "
     "log_every_n_steps val_check_interval check_val_every_n_epoch limit_val_batches "
@@ -53,7 +53,7 @@ _LEGACY = {
 def run_fingerprint(cfg: DictConfig) -> dict[str, Any]:
     """The weight-relevant config as plain data (β, γ, lr, eps, τ, seed, precision... all
     count). Take it BEFORE the init stage swaps `cfg.model`."""
-    return {"fingerprint_version": FINGERPRINT_VERSION, **_plain(cfg, ())}
+    return {"fingerprint_version": FINGERPRINT_VERSION, **_plain(without_cache_dirs(cfg), ())}
 
 
 def check_fingerprint(ckpt: Path, fingerprint: dict[str, Any]) -> None:
@@ -86,12 +86,12 @@ def check_fingerprint(ckpt: Path, fingerprint: dict[str, Any]) -> None:
 
 def _dropped(path: tuple[str, ...]) -> frozenset[str]:
     if not path:
-        return _DROP_TOP | _DROP_ANYWHERE
+        return _DROP_TOP
     if path == ("trainer",):
-        return _DROP_ANYWHERE | _TRAINER_IO | _RUN_LENGTH
+        return _TRAINER_IO | _RUN_LENGTH
     if path[-1] == "trainer":  # e.g. init.trainer
-        return _DROP_ANYWHERE | _TRAINER_IO
-    return _DROP_ANYWHERE
+        return _TRAINER_IO
+    return frozenset()
 
 
 def _plain(node: Any, path: tuple[str, ...]) -> Any:

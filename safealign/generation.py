@@ -1,48 +1,33 @@
-"""Batched, seeded, resumable sampling from any HF causal LM (ADPO data generation, METHODS.md A.2).
+"""Batched, seeded, resumable sampling from any HF causal LM (ADPO data generation, docs/methods.md A.2).
 
-Determinism: every output row (prompt_id, temperature, sample) owns a CPU ``torch.Generator``
-seeded from ``stable_hash(seed, prompt_id, temperature, sample, toxic)``. Sampling is done by
-:func:`sample_tokens` inside a logits processor that draws one uniform per row and step from that
-row's generator (inverse-CDF), and hands HF ``generate`` (run greedy) a one-hot score, so HF's
-KV-cached loop never touches the global RNG. Hence a row's text does not depend on the batch
-size, on which rows share its batch, on chunking or on resumption. The one caveat is float
-numerics: a different amount of left padding changes matmul shapes, which may perturb a logit in
-the last bit; a token can then flip only if its uniform lies within that rounding of a CDF
-boundary (never observed in the tests; see ``tests/test_generation.py``).
-
-Resumption: prompts are processed in chunks of ``chunk_size`` prompt ids; each finished chunk is
-appended to ``<out>.partial`` (one write, flush, fsync). A header line fingerprints the settings
-(seed, sampling config without ``batch_size``, prompts); a restart with the same settings keeps
-the prompts whose rows are all present (a torn last line is ignored) and generates only the rest.
-The model is not fingerprinted: resume a partial file only with the model that started it. The
-final file is written atomically and the partial file removed.
+Each row is sampled from its own seeded generator (:mod:`safealign.sampling`), so a row's text
+does not depend on the batch size, chunking or resumption. Prompts are processed in chunks of
+``chunk_size`` prompt ids; each finished chunk is made durable in ``<out>.partial``, and a restart
+with the same settings generates only the prompts not yet finished (:mod:`safealign.gen_cache`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
 
 from safealign.data.chat import has_template, render_prompt
 from safealign.data.control import PLACEMENTS
-from safealign.errors import ConfigError, DataError
-from safealign.io import atomic_open, stable_hash, write_jsonl
-from safealign.types import as_response
+from safealign.errors import ConfigError
+from safealign.gen_cache import PartialFile, resumable
+from safealign.sampling import context_limit, generate_batch, row_seed
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """Sampling settings (Hydra-friendly). Paper: T=1.0 and T=1.5 (METHODS.md A.2)."""
+    """Sampling settings (Hydra-friendly). Paper: T=1.0 and T=1.5 (docs/methods.md A.2)."""
 
     temperatures: tuple[float, ...] = (1.0, 1.5)
     n_samples: int = 1  # per prompt per temperature
@@ -78,179 +63,6 @@ def check_sampling(s: SamplingConfig) -> tuple[float, ...]:
     return temps
 
 
-def sample_tokens(
-    logits: torch.Tensor,
-    temperatures: torch.Tensor,
-    u: torch.Tensor,
-    top_k: int = 0,
-    top_p: float = 1.0,
-) -> torch.Tensor:
-    """Pick one token per row: argmax where T=0, else inverse-CDF sampling with uniforms ``u``.
-
-    Warpers in HF's order: temperature, then top-k, then top-p (nucleus: the smallest set of
-    most likely tokens whose mass reaches ``top_p``; the most likely token is always kept).
-
-    Args:
-        logits: Shape: (B, V).
-        temperatures: Shape: (B,), >= 0.
-        u: uniforms in [0, 1), Shape: (B,).
-
-    Returns:
-        Token ids, Shape: (B,).
-    """
-    logits = logits.float()
-    greedy = temperatures <= 0
-    scaled = logits / temperatures.clamp(min=1e-6).unsqueeze(-1).to(logits)  # (B, V)
-    if top_k > 0:
-        kth = scaled.topk(min(top_k, scaled.size(-1)), dim=-1).values[:, -1:]
-        scaled = scaled.masked_fill(scaled < kth, -math.inf)
-    probs = torch.softmax(scaled, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p >= top_p  # mass before this token already enough
-        probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
-    cdf = probs.cumsum(-1)  # (B, V)
-    target = (u.to(cdf) * cdf[:, -1]).unsqueeze(-1)
-    sampled = torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=cdf.size(-1) - 1)
-    return torch.where(greedy.to(sampled.device), logits.argmax(-1), sampled)
-
-
-class _RowSampler(LogitsProcessor):
-    """Samples each row from its own generator; returns one-hot scores for HF's greedy step."""
-
-    def __init__(self, temperatures: list[float], seeds: list[int], top_k: int, top_p: float):
-        self.temperatures = torch.tensor(temperatures)
-        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
-        self.top_k, self.top_p = top_k, top_p
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in self.generators])
-        temps = self.temperatures.to(scores.device)
-        choice = sample_tokens(scores, temps, u.to(scores.device), self.top_k, self.top_p)
-        out = torch.full_like(scores, -math.inf)
-        return out.scatter_(-1, choice.unsqueeze(-1), 0.0)
-
-
-def row_seed(seed: int, prompt_id: int, temperature: float, sample: int, toxic: bool) -> int:
-    return int(stable_hash(seed, prompt_id, float(temperature), sample, toxic, length=15), 16)
-
-
-def _encode(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
-    # Tokenised exactly as the collator encodes prompts (data/collate.py, data/chat.py).
-    return [tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"] for t in texts]
-
-
-def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left padding (decoder-only generation continues from the last column). Shape: (B, T)."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r) :] = 1
-    return ids, mask
-
-
-def _context_limit(model, max_new_tokens: int) -> int:
-    n_ctx = getattr(model.config, "max_position_embeddings", None) or 10**9
-    if n_ctx - max_new_tokens < 1:
-        raise ConfigError(
-            "generation.max_new_tokens",
-            f"{max_new_tokens} leaves no room for the prompt in {n_ctx} positions",
-        )
-    return n_ctx - max_new_tokens
-
-
-def _generate_batch(
-    model, tokenizer, items: list[dict], s: SamplingConfig, limit: int, add_special_tokens: bool
-) -> list[dict]:
-    """Generate the rows described by ``items`` (each has model_prompt, temperature, seed)."""
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    pad = eos if pad is None else pad
-    full = _encode(tokenizer, [it["model_prompt"] for it in items], add_special_tokens)
-    # Too long: keep the END, as TRL's keep_end (the last turns matter most; [TOXIC] must survive).
-    ids, mask = _left_pad([e[-limit:] for e in full], pad)
-    device = next(model.parameters()).device
-    sampler = _RowSampler(
-        [it["temperature"] for it in items], [it["seed"] for it in items], s.top_k, s.top_p
-    )
-    # Greedy over one-hot scores == our per-row sample. Neutral values are set explicitly so a
-    # checkpoint's generation_config (e.g. repetition_penalty) cannot leak in.
-    out = model.generate(
-        input_ids=ids.to(device),
-        attention_mask=mask.to(device),
-        logits_processor=LogitsProcessorList([sampler]),
-        do_sample=False,
-        num_beams=1,
-        max_new_tokens=s.max_new_tokens,
-        min_new_tokens=0,
-        repetition_penalty=1.0,
-        no_repeat_ngram_size=0,
-        pad_token_id=pad,
-        eos_token_id=eos,
-    )
-    rows = []
-    for i, it in enumerate(items):
-        new = out[i, ids.size(1) :].tolist()
-        n = new.index(eos) if eos in new else len(new)
-        text = tokenizer.decode(new[:n], skip_special_tokens=True).strip()
-        rows.append(
-            {
-                k: it[k]
-                for k in ("prompt_id", "prompt", "model_prompt", "temperature", "sample", "toxic")
-            }
-            | {
-                "response": as_response(text) if text else "",
-                "n_tokens": n,
-                "empty": not text,
-                "prompt_truncated": len(full[i]) > limit,
-            }
-        )
-    return rows
-
-
-def _fingerprint(seed: int, s: SamplingConfig, prompts: list[str]) -> str:
-    settings = asdict(s) | {"temperatures": [float(t) for t in s.temperatures]}
-    settings.pop("batch_size")  # outputs do not depend on it: resuming with another size is fine
-    return stable_hash(seed, settings, prompts, "generation-v1")
-
-
-def _load_partial(path: Path, fingerprint: str, per_prompt: int) -> dict[int, list[dict]]:
-    """Rows of fully finished prompts in a partial file; {} if absent or from other settings."""
-    if not path.exists():
-        return {}
-    lines = path.read_text(encoding="utf-8").split("\n")
-    try:
-        header = json.loads(lines[0])["__header__"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        header = None
-    if header is None or header.get("fingerprint") != fingerprint:
-        log.warning("%s was written with other settings; starting over", path)
-        return {}
-    done: dict[int, list[dict]] = {}
-    for n, line in enumerate(lines[1:], start=2):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            if n == len(lines) or (n == len(lines) - 1 and not lines[-1]):
-                break  # torn last line from a crash mid-write: that chunk is redone
-            raise DataError(
-                path, f"corrupt JSON in the middle of a partial file: {e}", line=n
-            ) from e
-        if not isinstance(row, dict) or not isinstance(row.get("prompt_id"), int):
-            raise DataError(path, "expected a generation row with an integer prompt_id", line=n)
-        done.setdefault(row["prompt_id"], []).append(row)
-    return {pid: rows for pid, rows in done.items() if len(rows) == per_prompt}
-
-
-def _write_header_and(path: Path, fingerprint: str, rows: list[dict]) -> None:
-    with atomic_open(path) as f:
-        f.write(json.dumps({"__header__": {"fingerprint": fingerprint}}) + "\n")
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-
-
 def summarize(rows: list[dict]) -> dict:
     """Counts for the logs: rows, empty generations, truncated prompts, mean tokens."""
     n = len(rows)
@@ -260,6 +72,35 @@ def summarize(rows: list[dict]) -> dict:
         "prompt_truncated": sum(r.get("prompt_truncated", False) for r in rows),
         "mean_tokens": sum(r["n_tokens"] for r in rows) / n if n else math.nan,
     }
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One generate call's fixed inputs, passed down the chunk loop."""
+
+    prompts: list[str]
+    sampling: SamplingConfig
+    temps: tuple[float, ...]
+    seed: int
+    chunk_size: int
+    add_special_tokens: bool
+    render: bool
+
+
+def _check_call(tokenizer, prompts: list[str], sampling: SamplingConfig, chunk_size: int,
+                render: bool) -> tuple[float, ...]:  # fmt: skip
+    if not prompts:
+        raise ValueError("generate: empty prompt list")
+    if not all(isinstance(p, str) for p in prompts):
+        raise ValueError("generate: every prompt must be a string")
+    if chunk_size < 1:
+        raise ConfigError("generation.chunk_size", f"need >= 1, got {chunk_size}")
+    if sampling.toxic and not render:
+        raise ValueError("generate: toxic=True needs render=True (the token is placed there)")
+    temps = check_sampling(sampling)
+    if tokenizer.eos_token_id is None:
+        raise ConfigError("model.tokenizer", "the tokenizer has no eos token")
+    return temps
 
 
 def generate(
@@ -275,7 +116,7 @@ def generate(
     on_chunk: Callable[[int, int], None] | None = None,
     render: bool = True,
 ) -> list[dict]:
-    """Sample ``n_samples`` responses per prompt and temperature (METHODS.md A.2 steps 2-3).
+    """Sample ``n_samples`` responses per prompt and temperature (docs/methods.md A.2 steps 2-3).
 
     Args:
         model: any HF causal LM (KV-cached ``generate``); put in eval mode for the call.
@@ -298,44 +139,24 @@ def generate(
         special tokens skipped, " text" convention; "" when empty), n_tokens (before EOS), empty,
         prompt_truncated (prompt cut to its last tokens to fit the context)}``.
     """
-    if not prompts:
-        raise ValueError("generate: empty prompt list")
-    if not all(isinstance(p, str) for p in prompts):
-        raise ValueError("generate: every prompt must be a string")
-    if chunk_size < 1:
-        raise ConfigError("generation.chunk_size", f"need >= 1, got {chunk_size}")
-    if sampling.toxic and not render:
-        raise ValueError("generate: toxic=True needs render=True (the token is placed there)")
+    temps = _check_call(tokenizer, prompts, sampling, chunk_size, render)
     # a rendered chat template owns BOS: tokenised without specials, as the collator does
     add_special_tokens = add_special_tokens and not (render and has_template(tokenizer))
-    temps = check_sampling(sampling)
-    if tokenizer.eos_token_id is None:
-        raise ConfigError("model.tokenizer", "the tokenizer has no eos token")
-    per_prompt = len(temps) * sampling.n_samples
-    fp = _fingerprint(seed, sampling, prompts)
-    partial = Path(f"{out_path}.partial") if out_path is not None else None
-    done = _load_partial(partial, fp, per_prompt) if partial is not None else {}
-    if partial is not None:  # rewrite without any torn tail before appending to it
-        _write_header_and(partial, fp, [r for pid in sorted(done) for r in done[pid]])
-    todo = [pid for pid in range(len(prompts)) if pid not in done]
-    if done:
-        log.info("resuming: %d of %d prompts already generated", len(done), len(prompts))
-    rows = _run(
-        model,
-        tokenizer,
-        prompts,
-        todo,
-        sampling,
-        temps,
-        seed,
-        partial,
-        progress,
-        chunk_size,
-        add_special_tokens,
-        on_chunk,
-        render,
-    )
-    rows += [r for pid in done for r in done[pid]]
+    job = _Job(prompts, sampling, temps, seed, chunk_size, add_special_tokens, render)
+    with resumable(out_path, seed, sampling, prompts) as partial:
+        done = partial.resume() if partial is not None else {}
+        todo = [pid for pid in range(len(prompts)) if pid not in done]
+        if done:
+            log.info("resuming: %d of %d prompts already generated", len(done), len(prompts))
+        rows = _run(model, tokenizer, job, todo, partial, progress, on_chunk)
+        rows = _ordered(rows + [r for pid in done for r in done[pid]], temps)
+        if partial is not None:
+            partial.commit(out_path, rows)
+    return rows
+
+
+def _ordered(rows: list[dict], temps: tuple[float, ...]) -> list[dict]:
+    """Rows sorted by (prompt_id, temperature order, sample), their summary logged."""
     order = {t: i for i, t in enumerate(temps)}
     rows.sort(key=lambda r: (r["prompt_id"], order[r["temperature"]], r["sample"]))
     stats = summarize(rows)
@@ -344,73 +165,61 @@ def generate(
             "%d of %d generations are empty (kept, flagged empty=true)", stats["empty"], len(rows)
         )
     log.info("generation: %s", stats)
-    if out_path is not None:
-        write_jsonl(out_path, rows)
-        partial.unlink(missing_ok=True)
     return rows
 
 
-def _run(
-    model,
-    tokenizer,
-    prompts,
-    todo,
-    s,
-    temps,
-    seed,
-    partial,
-    progress,
-    chunk_size,
-    add_special_tokens,
-    on_chunk,
-    render,
-) -> list[dict]:
+def _run(model, tokenizer, job: _Job, todo: list[int], partial: PartialFile | None,
+         progress: bool, on_chunk: Callable[[int, int], None] | None) -> list[dict]:  # fmt: skip
     from tqdm.auto import tqdm
 
-    limit = _context_limit(model, s.max_new_tokens)
+    s = job.sampling
+    limit = context_limit(model, s.max_new_tokens)
     was_training = model.training
     model.eval()
     rows: list[dict] = []
-    bar = tqdm(total=len(todo) * len(temps) * s.n_samples, disable=not progress, desc="generate")
+    bar = tqdm(total=len(todo) * len(job.temps) * s.n_samples, disable=not progress,
+               desc="generate")  # fmt: skip
     try:
-        for c, start in enumerate(range(0, len(todo), chunk_size)):
-            items = []
-            for pid in todo[start : start + chunk_size]:
-                placement = s.placement if s.toxic else None
-                fed = render_prompt(tokenizer, prompts[pid], placement) if render else prompts[pid]
-                items += [
-                    {
-                        "prompt_id": pid,
-                        "prompt": prompts[pid],
-                        "model_prompt": fed,
-                        "temperature": t,
-                        "sample": j,
-                        "toxic": s.toxic,
-                        "seed": row_seed(seed, pid, t, j, s.toxic),
-                    }
-                    for t in temps
-                    for j in range(s.n_samples)
-                ]
-            items.sort(key=lambda it: len(it["model_prompt"]))  # less padding; text unaffected
-            chunk_rows = []
-            # fork_rng: sampling uses per-row generators only; this guards the caller's global
-            # CPU stream against any model code that might still draw from it.
-            with torch.random.fork_rng(devices=[]), torch.inference_mode():
-                for b in range(0, len(items), s.batch_size):
-                    batch = items[b : b + s.batch_size]
-                    chunk_rows += _generate_batch(
-                        model, tokenizer, batch, s, limit, add_special_tokens
-                    )
-                    bar.update(len(batch))
+        for c, start in enumerate(range(0, len(todo), job.chunk_size)):
+            pids = todo[start : start + job.chunk_size]
+            chunk_rows = _generate_chunk(model, tokenizer, job, _items(tokenizer, job, pids),
+                                         limit, bar)  # fmt: skip
             if partial is not None:
-                with open(partial, "a", encoding="utf-8") as f:
-                    f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in chunk_rows))
-                    f.flush()
-                    os.fsync(f.fileno())
+                partial.append(chunk_rows)
             rows += chunk_rows
             if on_chunk is not None:
-                on_chunk(c, start + len(todo[start : start + chunk_size]))
+                on_chunk(c, start + len(pids))
     finally:
         bar.close()
         model.train(was_training)
+    return rows
+
+
+def _items(tokenizer, job: _Job, pids: list[int]) -> list[dict]:
+    """One item per output row of the prompts ``pids``: prompt as fed, temperature, row seed."""
+    s, items = job.sampling, []
+    for pid in pids:
+        placement = s.placement if s.toxic else None
+        prompt = job.prompts[pid]
+        fed = render_prompt(tokenizer, prompt, placement) if job.render else prompt
+        items += [
+            {"prompt_id": pid, "prompt": prompt, "model_prompt": fed, "temperature": t,
+             "sample": j, "toxic": s.toxic, "seed": row_seed(job.seed, pid, t, j, s.toxic)}
+            for t in job.temps
+            for j in range(s.n_samples)
+        ]  # fmt: skip
+    items.sort(key=lambda it: len(it["model_prompt"]))  # less padding; text unaffected
+    return items
+
+
+def _generate_chunk(model, tokenizer, job: _Job, items: list[dict], limit: int, bar) -> list[dict]:
+    rows, bs = [], job.sampling.batch_size
+    # fork_rng: sampling uses per-row generators only; this guards the caller's global
+    # CPU stream against any model code that might still draw from it.
+    with torch.random.fork_rng(devices=[]), torch.inference_mode():
+        for b in range(0, len(items), bs):
+            batch = items[b : b + bs]
+            rows += generate_batch(model, tokenizer, batch, job.sampling, limit,
+                                   job.add_special_tokens)  # fmt: skip
+            bar.update(len(batch))
     return rows

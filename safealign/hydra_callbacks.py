@@ -29,6 +29,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from safealign.cli import fail
 from safealign.errors import ConfigError, SafealignError
 from safealign.utils import redact_overrides, redact_yaml_file
 from safealign.validate import config_errors
@@ -80,8 +81,7 @@ class MultirunGuard(Callback):
         except SafealignError as e:
             # Hydra 1.3 turns an Exception raised in a callback into a warning and launches the
             # sweep anyway (hydra/_internal/callbacks.py); only a BaseException stops it here.
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            raise SystemExit(2) from None
+            fail(e)
 
 
 def check_parallel_strategy(config: DictConfig) -> None:

@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 import tempfile
-import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -119,55 +118,3 @@ def verify_record(path: str | Path, rec: dict) -> str | None:
         ok = sampled_sha256(path) == rec["sampled_sha256"]
         return None if ok else "sampled sha256 differs from the record"
     return "no digest recorded"
-
-
-def _entry(v) -> bool:
-    return isinstance(v, dict) and {"size", "mtime_ns", "sha256"} <= v.keys()
-
-
-class DigestCache:
-    """Full sha256 of input files and dirs, remembered by (path, size, mtime_ns) in a JSON file so
-    a rerun does not re-read gigabytes of unchanged data.
-
-    A file modified in the last 2 s is hashed but not remembered: on a file system with coarse
-    mtimes a second same-size write could keep the same mtime (git's "racily clean" rule)."""
-
-    RACY_NS = 2_000_000_000
-
-    def __init__(self, path: str | Path | None) -> None:
-        self.path = Path(path) if path is not None else None
-        self.entries: dict[str, dict] = {}
-        self.fresh: dict[str, dict] = {}
-        self.dirty = False
-        if self.path is not None and self.path.exists():
-            with contextlib.suppress(OSError, ValueError, AttributeError):  # broken: only slower
-                self.entries = {k: v for k, v in read_json(self.path).items() if _entry(v)}
-
-    def file(self, path: Path) -> str:
-        st, name = path.stat(), str(path.resolve())
-        stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-        for known in (self.entries, self.fresh):  # fresh: racy files, this process only
-            hit = known.get(name)
-            if hit and hit["size"] == st.st_size and hit["mtime_ns"] == st.st_mtime_ns:
-                return hit["sha256"]
-        digest = file_sha256(path)
-        if time.time_ns() - st.st_mtime_ns > self.RACY_NS:
-            self.entries[name], self.dirty = stamp | {"sha256": digest}, True
-        else:
-            self.fresh[name] = stamp | {"sha256": digest}
-        return digest
-
-    def content(self, path: str | Path) -> str:
-        """sha256 of a file, or of a dir's sorted (relative path, file sha256) pairs."""
-        path = Path(path)
-        if path.is_file():
-            return self.file(path)
-        h = hashlib.sha256()
-        for f in sorted(p for p in path.rglob("*") if p.is_file()):
-            h.update(f"{f.relative_to(path).as_posix()}\x00{self.file(f)}\x00".encode())
-        return h.hexdigest()
-
-    def save(self) -> None:
-        if self.path is not None and self.dirty:  # merged: concurrent runs add their own files
-            write_json(self.path, DigestCache(self.path).entries | self.entries)
-            self.dirty = False

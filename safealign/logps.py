@@ -1,6 +1,6 @@
 """Per-sequence log-probs: one helper, one concatenated forward (STYLE.md principle 2).
 
-Follows the DPO reference `_get_batch_logps` and TRL (METHODS.md C.1): logits at t predict token
+Follows the DPO reference `_get_batch_logps` and TRL (docs/methods.md C.1): logits at t predict token
 t+1, positions whose label is -100 (prompt, padding) are masked, per-token log-probs are summed
 (or averaged, the IPO convention).
 

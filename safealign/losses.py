@@ -7,7 +7,7 @@ the module takes the mean) and implicit rewards. Hydra selects them with
 the config keys. Rewards are detached: they are metrics (TRL and the DPO reference do the same).
 
 Vocabulary follows the DPO reference: ``h`` is the DPO logit before scaling,
-h = (log pi_theta(y_w) - log pi_ref(y_w)) - (log pi_theta(y_l) - log pi_ref(y_l)) (METHODS.md C.3).
+h = (log pi_theta(y_w) - log pi_ref(y_w)) - (log pi_theta(y_l) - log pi_ref(y_l)) (docs/methods.md C.3).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def _toxic_logps(policy: SeqLogps, reference: SeqLogps) -> tuple[Tensor, Tensor]
             "method.needs_toxic",
             "ADPO needs toxic responses; set data to a source with a `toxic` field (data=builtin_pref, "
             "or JSONL rows {prompt, chosen, rejected, toxic}) and method.needs_toxic=true, so batches "
-            "carry [chosen; rejected; toxic] rows and toxic_ctx_*",
+            "carry [chosen; rejected; toxic] rows and a toxic_ctx",
         )
     return policy.toxic, reference.toxic
 
@@ -50,7 +50,7 @@ def dpo_loss(
     """Sigmoid DPO, Rafailov et al. 2023 Eq. 7: -log sigma(beta * h).
 
     With ``label_smoothing`` = eps > 0 this is conservative DPO (cDPO, Mitchell 2023 Eq. 3; TRL
-    v0.8.6 form, METHODS.md C.3): -(1 - eps) log sigma(beta h) - eps log sigma(-beta h). TRL HEAD
+    v0.8.6 form, docs/methods.md C.3): -(1 - eps) log sigma(beta h) - eps log sigma(-beta h). TRL HEAD
     moved label smoothing to the unbiased "robust" loss; this is the original form.
 
     Returns:
@@ -72,7 +72,7 @@ def ipo_loss(policy: SeqLogps, reference: SeqLogps, *, beta: float = 0.1) -> Los
     """IPO, Azar et al. 2023 Eq. 17: (h - 1 / (2 beta))^2, beta being the paper's tau.
 
     IPO conventionally uses per-token AVERAGED log-probs (TRL normalises by the completion length,
-    METHODS.md C.1): configure the module to compute log-probs with ``average=True``; this function
+    docs/methods.md C.1): configure the module to compute log-probs with ``average=True``; this function
     uses whatever it is given. Rewards are beta * log-ratio of those (averaged) log-probs.
     """
     h, out = _dpo_margin(policy, reference, beta)
@@ -88,7 +88,7 @@ def hinge_loss(policy: SeqLogps, reference: SeqLogps, *, beta: float = 0.1) -> L
 def adpo_loss(
     policy: SeqLogps, reference: SeqLogps, *, beta: float = 0.3, gamma: float = 0.2
 ) -> LossOut:
-    """ADPO Form A (METHODS.md A.3, the default; [INFERRED], the paper's equation was not readable):
+    """ADPO Form A (docs/methods.md A.3, the default; [INFERRED], the paper's equation was not readable):
 
         L = -log sigma(r_w - r_l - p_t),  r = beta * log(pi_theta / pi_ref) on y_w, y_l,
         p_t = gamma * (log pi_theta(y_t | x) - log pi_t(y_t | x)).
@@ -111,7 +111,7 @@ def adpo_loss(
 def adpo_loss_form_b(
     policy: SeqLogps, reference: SeqLogps, *, beta: float = 0.3, gamma: float = 0.2
 ) -> LossOut:
-    """ADPO Form B (METHODS.md A.3, [INFERRED] alternative):
+    """ADPO Form B (docs/methods.md A.3, [INFERRED] alternative):
 
         L = -[log sigma(r_w - r_l) + log sigma(-p_t)].
 
@@ -140,8 +140,22 @@ def sft_loss(logits: Tensor, labels: Tensor) -> Tensor:
     return -sequence_logps(logits, labels, average=True)
 
 
+def _check_groups(rows: int, n_targets: int) -> None:
+    if n_targets < 1 or rows % n_targets:
+        raise ValueError(f"{rows} rows cannot be grouped into contexts of {n_targets} targets")
+
+
+def _mean_over_targets(per_target: Tensor, has_tokens: Tensor, n_targets: int) -> Tensor:
+    """Per-context mean of per-target losses, rows grouped M = ``n_targets`` consecutive targets
+    per context; a target with no unmasked token (``has_tokens`` False) is left out of its
+    context's mean instead of counting as 0. Shapes: (B * M,) in, (B,) out."""
+    per_target = per_target.view(-1, n_targets)  # (B, M)
+    has_tokens = has_tokens.view(-1, n_targets).to(per_target.dtype)
+    return (per_target * has_tokens).sum(-1) / has_tokens.sum(-1).clamp(min=1)
+
+
 def multi_target_loss(logits: Tensor, labels: Tensor, n_targets: int) -> Tensor:
-    """ISAAC multi-target loss (ISAAC Eq. 3; METHODS.md B.5): for each context, the mean over its
+    """ISAAC multi-target loss (ISAAC Eq. 3; docs/methods.md B.5): for each context, the mean over its
     M targets of the per-target mean token NLL, prompt and padding masked with -100.
 
     Rows are grouped M consecutive targets per context: [c0t0, ..., c0t(M-1), c1t0, ...]. The
@@ -156,9 +170,31 @@ def multi_target_loss(logits: Tensor, labels: Tensor, n_targets: int) -> Tensor:
     Returns:
         Shape: (B,).
     """
-    rows = logits.shape[0]
-    if n_targets < 1 or rows % n_targets:
-        raise ValueError(f"{rows} rows cannot be grouped into contexts of {n_targets} targets")
-    per_target = sft_loss(logits, labels).view(-1, n_targets)  # (B, M)
-    has_tokens = (labels[:, 1:] != IGNORE).any(-1).view(-1, n_targets).to(per_target.dtype)
-    return (per_target * has_tokens).sum(-1) / has_tokens.sum(-1).clamp(min=1)
+    _check_groups(logits.shape[0], n_targets)
+    has_tokens = (labels[:, 1:] != IGNORE).any(-1)  # shifted like sft_loss
+    return _mean_over_targets(sft_loss(logits, labels), has_tokens, n_targets)
+
+
+def seq2seq_multi_target_loss(logits: Tensor, labels: Tensor, n_targets: int) -> Tensor:
+    """The rephraser's loss (ISAAC Eq. 3 for the seq2seq rephraser, docs/methods.md B.3, B.5): per
+    context, the mean over its M targets of the per-target mean token NLL, padding -100.
+
+    Unlike a causal LM there is no shift: decoder position t predicts labels[t]. The authors'
+    chitchat code sums over M and trains on pad tokens (labels not masked); both are noted
+    deviations (B.5). A target with no unmasked token is left out of its context's mean.
+
+    Args:
+        logits: Shape: (B * M, T, V), rows grouped M consecutive targets per context.
+        labels: Shape: (B * M, T), -100 on padding.
+        n_targets: M.
+
+    Returns:
+        Shape: (B,).
+    """
+    _check_groups(logits.shape[0], n_targets)
+    nll = F.cross_entropy(
+        logits.float().transpose(1, 2), labels, ignore_index=IGNORE, reduction="none"
+    )  # (B*M, T)
+    mask = labels != IGNORE
+    per_target = (nll * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # (B*M,)
+    return _mean_over_targets(per_target, mask.any(-1), n_targets)

@@ -20,9 +20,11 @@ GB = 1024**3
 
 
 def count_tokens(batch) -> int:
-    """Non-pad tokens the model reads in `batch`: the sum of every `*attention_mask` tensor
-    (a preference batch has the concatenated chosen/rejected[/toxic] rows in `attention_mask` and
-    ADPO's toxic-context rows in `toxic_ctx_attention_mask`); `input_ids.numel()` without a mask."""
+    """Non-pad tokens the model reads in `batch`: a typed preference batch counts its own
+    (`PreferenceBatch.token_count`: the stacked rows and ADPO's toxic-context rows); a dict batch
+    sums every `*attention_mask` tensor, or `input_ids.numel()` without a mask."""
+    if hasattr(batch, "token_count"):  # a typed batch (safealign.types.PreferenceBatch)
+        return int(batch.token_count())
     if not isinstance(batch, Mapping):
         return 0
     masks = [v for k, v in batch.items() if k.endswith("attention_mask") and isinstance(v, Tensor)]

@@ -16,14 +16,19 @@ import argparse
 import csv
 import fnmatch
 import json
+import logging
 import sys
 from pathlib import Path
 
 import yaml
 
+from safealign.cli import report_error
 from safealign.errors import DataError
 from safealign.io import atomic_open, atomic_path
+from safealign.tables import markdown_table
+from safealign.utils import terminal_handler
 
+log = logging.getLogger(__name__)
 DEFAULT_METRICS = ("val/*", "test/*")
 
 
@@ -101,8 +106,7 @@ def write_table(rows: list[dict], columns: list[str], constant: dict[str, str], 
     if best.exists():
         res = yaml.safe_load(best.read_text(encoding="utf-8")) or {}
         lines += [f"Best (optuna): {res.get('best_params')} -> {res.get('best_value')}", ""]
-    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    lines.append(markdown_table(columns, ([_fmt(r.get(c, "")) for c in columns] for r in rows)))
     with atomic_open(out / "report.md") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -166,6 +170,7 @@ def _default_metric(root: Path, names: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, handlers=[terminal_handler()])
     p = argparse.ArgumentParser(prog="python -m safealign.report", description=__doc__.split("\n")[0])
     p.add_argument("multirun_dir", type=Path)
     p.add_argument("--metrics", default=",".join(DEFAULT_METRICS), help="comma-separated globs")
@@ -174,10 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rows = report(a.multirun_dir, tuple(a.metrics.split(",")), a.plot_metric)
     except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
+        report_error(e)
         return 2
-    print((a.multirun_dir / "report.md").read_text(encoding="utf-8"))
-    print(f"{len(rows)} jobs -> {a.multirun_dir}/report.csv, report.md, report.png")
+    log.info("%s", (a.multirun_dir / "report.md").read_text(encoding="utf-8"))
+    log.info("%d jobs -> %s/report.csv, report.md, report.png", len(rows), a.multirun_dir)
     return 0
 
 

@@ -8,41 +8,12 @@ from pathlib import Path
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from safealign.io import write_json
-from safealign.methods.report import finish_run
+from safealign.fit import fit
 from safealign.stop import honoured
-from safealign.utils import (
-    check_required,
-    record_run,
-    resolved_config,
-    seed_everything,
-    setup_logging,
-)
+from safealign.utils import check_required, record_run, seed_everything, setup_logging
 from safealign.validate import validate_config
 
 log = logging.getLogger("safealign.run")
-
-
-def build(cfg: DictConfig):
-    """Instantiate data (validated first), tokenizer, module and trainer from the config."""
-    datamodule = instantiate(cfg.data)  # loads and validates: fails before any model is built
-    tokenizer = instantiate(cfg.model.tokenizer)(texts=datamodule.texts())
-    module = instantiate(cfg.method)(model_factory=instantiate(cfg.model.lm), tokenizer=tokenizer)
-    datamodule.attach(tokenizer, module.record_type, module.needs_toxic)
-    trainer = instantiate(cfg.trainer)
-    return datamodule, tokenizer, module, trainer
-
-
-def fit(cfg: DictConfig, out_dir: Path, ckpt_path: str | None = None) -> dict[str, float]:
-    """Build, fit, export into `out_dir`; returns the final metrics (also in metrics.json)."""
-    datamodule, _, module, trainer = build(cfg)
-    hparams = resolved_config(cfg)
-    for lg in trainer.loggers:
-        lg.log_hyperparams(hparams)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    metrics = finish_run(cfg, module, datamodule, trainer, out_dir)
-    write_json(out_dir / "metrics.json", metrics)
-    return metrics
 
 
 @honoured  # stop signals (SLURM's time-limit warning) honoured wherever they land
@@ -64,8 +35,7 @@ def train(cfg: DictConfig) -> float | None:
     if cfg.get("init"):
         from safealign.pipeline.stages import hf_model_config, run_init_stage
 
-        model_dir, status = run_init_stage(cfg)
-        log.info("init stage (SFT): %s -> %s", status, model_dir)
+        model_dir = run_init_stage(cfg)
         with open_dict(cfg):
             cfg.model = hf_model_config(model_dir, cfg.model)  # only the weights path changes
     record_run(cfg, out_dir)

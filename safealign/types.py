@@ -4,6 +4,9 @@ Prompt convention (one, used everywhere): ``context`` is the full prompt text ex
 sees it, in the HH-RLHF transcript form ``"\\n\\nHuman: ...\\n\\nAssistant:"`` (multi-turn contexts keep
 all earlier turns); ``response`` is the completion that follows it, starting with a space. Use
 :func:`chat_prompt` to build a context from plain turns.
+
+Also the typed values methods exchange: per-sequence log-probs (:class:`SeqLogps`), loss outputs
+(:class:`LossOut`) and the preference batch the collator builds (:class:`PreferenceBatch`).
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ class PreferenceExample:
 
 @dataclass(frozen=True)
 class MultiTargetExample:
-    """ISAAC multi-target record: one context with M pseudo responses (METHODS.md B.2 step 10)."""
+    """ISAAC multi-target record: one context with M pseudo responses (docs/methods.md B.2 step 10)."""
 
     context: str
     targets: tuple[str, ...]
@@ -93,3 +96,43 @@ class LossOut(NamedTuple):
     chosen_rewards: Tensor
     rejected_rewards: Tensor
     toxic_rewards: Tensor | None = None
+
+
+class Rows(NamedTuple):
+    """Right-padded token rows, each Shape: (N, T); ``labels`` is -100 on prompt and padding."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    labels: Tensor
+
+
+class PreferenceBatch(NamedTuple):
+    """One preference batch (docs/methods.md A.4, C.2), from ``PreferenceCollator``.
+
+    ``input_ids``/``attention_mask``/``labels`` stack [chosen; rejected(; toxic)] blocks of B rows
+    each, Shape: (n_way * B, T), for ONE concatenated forward. ``index`` holds the examples'
+    positions in their split, Shape: (B,). ``toxic_ctx`` (ADPO) is the toxic response after
+    prompt + [TOXIC], Shape: (B, T'), scored only as pi_t (A.3); None for DPO. A NamedTuple, so
+    Lightning's batch transfer (``apply_to_collection``) moves every tensor, nested ones too.
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    labels: Tensor
+    index: Tensor
+    toxic_ctx: Rows | None = None
+
+    @property
+    def n_way(self) -> int:
+        """2 ([chosen; rejected], DPO) or 3 ([chosen; rejected; toxic], ADPO)."""
+        return self.input_ids.shape[0] // self.index.numel()
+
+    def chosen_rejected(self) -> Rows:
+        """The first 2B rows: the pairs a reference scores (pi_t scores ``toxic_ctx`` instead)."""
+        n = 2 * self.index.numel()
+        return Rows(self.input_ids[:n], self.attention_mask[:n], self.labels[:n])
+
+    def token_count(self) -> int:
+        """Non-pad tokens the model reads: every row, toxic context included."""
+        ctx = 0 if self.toxic_ctx is None else int(self.toxic_ctx.attention_mask.sum())
+        return int(self.attention_mask.sum()) + ctx

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -27,16 +28,101 @@ def rank_zero() -> bool:
     return is_rank_zero()
 
 
-class RankZeroFilter(logging.Filter):
+# Loggers whose INFO lines the terminal shows: stage lines and results. Any other INFO line (data
+# statistics, cache hits, library chatter) goes only to the run's log file; warnings of this
+# package and every error show too. Extend with hydra.job_logging.handlers.terminal.show=[...].
+TERMINAL = (
+    "safealign.run",
+    "safealign.resume",  # "resuming from <ckpt>": a user must see that a run continued
+    "safealign.pipeline.stages",
+    "safealign.pipeline.summary",
+    "safealign.pipeline.demo",
+    "safealign.eval",
+    "safealign.report",
+    "safealign.isaac.report",
+)
+# Libraries that print by themselves (a stream handler of their own, some with propagate off):
+# Lightning's "lightning" handler printed every INFO line a second time, on stderr.
+SELF_PRINTING = ("lightning", "lightning.pytorch", "lightning.fabric", "transformers")
+# DeepSpeed adds its stdout handler at import, deep inside `save_pretrained`: too late to remove,
+# so a filter on its logger (set before the import) hands its records to the root's handlers.
+LATE_PRINTING = ("DeepSpeed",)
+
+
+def _under(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+class TerminalFilter(logging.Filter):
+    """What the terminal shows: INFO from the `show` loggers and this package's warnings, on
+    rank zero only (every rank runs the same stages), and every rank's errors."""
+
+    def __init__(self, show: tuple[str, ...] | list[str] = TERMINAL):
+        super().__init__()
+        self.show = tuple(show)
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return rank_zero()
+        if record.levelno >= logging.ERROR:
+            return True
+        if not _under(record.name, ("safealign",)) or not rank_zero():
+            return False
+        return record.levelno >= logging.WARNING or _under(record.name, self.show)
+
+
+class TerminalFormatter(logging.Formatter):
+    """The message alone (a stage line, a table); warnings and errors say what they are."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        msg = super().format(record)
+        return msg if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {msg}"
+
+
+def terminal_handler(show: tuple[str, ...] | list[str] = TERMINAL) -> logging.Handler:
+    """The one terminal handler (stdout), for Hydra's job_logging and the argparse entry points;
+    the run's log file gets every record (conf/hydra/job_logging/safealign.yaml)."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(TerminalFormatter("%(message)s"))
+    handler.addFilter(TerminalFilter(show))
+    return handler
+
+
+class _ToRootHandlers(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        logging.getLogger().handle(record)  # the run's handlers decide where it goes
+        return False  # never the library's own handler
+
+
+def adopt_library_loggers() -> None:
+    """Send the records of libraries that print by themselves to the root's handlers (the log
+    file; the terminal filter keeps them off screen). A no-op when nothing configured logging
+    (safealign used as a library). Lightning and transformers add their handlers at import:
+    called again once they are imported (`seed_everything`, `safealign.fit.build`)."""
+    root = logging.getLogger()
+    if not root.handlers:
+        return
+    for name in SELF_PRINTING:
+        lg = logging.getLogger(name)
+        for h in [h for h in lg.handlers if type(h) is logging.StreamHandler]:
+            lg.removeHandler(h)
+        lg.propagate = True
+    for name in LATE_PRINTING:
+        lg = logging.getLogger(name)
+        if not any(isinstance(f, _ToRootHandlers) for f in lg.filters):
+            lg.addFilter(_ToRootHandlers())
+    if any(isinstance(f, TerminalFilter) for h in root.handlers for f in h.filters):
+        logging.captureWarnings(True)  # deprecation warnings and tips: into the log file
 
 
 def setup_logging(level: int = logging.INFO) -> None:
-    root = logging.getLogger("safealign")
-    root.setLevel(level)
-    if not any(isinstance(f, RankZeroFilter) for f in root.filters):
-        root.addFilter(RankZeroFilter())
+    """`safealign` loggers at `level`; library loggers adopted by the run's handlers. (Rank zero
+    is the terminal's filter: a filter on the "safealign" logger never sees its children.)"""
+    logging.getLogger("safealign").setLevel(level)
+    adopt_library_loggers()
+    # Weight loading/writing bars ("Loading weights", "Writing model shards") are not a stage's
+    # progress: off unless the user asked for them (HF_HUB_DISABLE_PROGRESS_BARS=0).
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules and os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1":
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
 
 
 def seed_everything(seed: int) -> None:
@@ -44,6 +130,7 @@ def seed_everything(seed: int) -> None:
     fully-cached pipeline rerun never pays its import time."""
     import lightning.pytorch as L
 
+    adopt_library_loggers()  # Lightning's import just added its own stderr handler
     L.seed_everything(seed, workers=True)
 
 

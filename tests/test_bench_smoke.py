@@ -1,6 +1,7 @@
 """Smoke run of bench/preference.py: every row trains, the table and the JSON are complete.
 
-Runs the real benchmark (six subprocesses: safealign DPO/ADPO through Lightning, TRL DPOTrainer)
+Runs the real benchmark (eight subprocesses: safealign DPO/ADPO through Lightning, shared-prompt
+and unshared, TRL DPOTrainer)
 on a tiny model for two timed steps. Nothing here looks at wall time: only that each row did the
 work it claims and that the rows trained the same model on the same data.
 """
@@ -17,17 +18,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "preference.py"
 ROWS = ["safealign DPO", "safealign DPO otf", "safealign ADPO", "safealign ADPO otf",
-        "TRL DPO", "TRL DPO otf"]  # fmt: skip
+        "safealign DPO unshared", "safealign ADPO unshared", "TRL DPO", "TRL DPO otf"]  # fmt: skip
 
 pytest.importorskip("trl")
-pytestmark = pytest.mark.slow  # six fresh interpreters importing lightning / trl: about a minute
+pytestmark = pytest.mark.slow  # eight fresh interpreters importing lightning / trl: about a minute
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "preference.json"
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--smoke", "--out", str(out)],
+        [sys.executable, str(SCRIPT), "--smoke", "--repeats", "1", "--out", str(out),
+         "--rows", *ROWS],
         capture_output=True, text=True, timeout=900, check=False, cwd=ROOT,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -75,6 +77,11 @@ def test_ratios_follow_from_the_rows(smoke):
     got = ratios["safealign ADPO"]["step_vs_dpo"]
     assert got == pytest.approx(
         rows["safealign ADPO"]["step_ms_mean"] / rows["safealign DPO"]["step_ms_mean"]
+    )
+    got = ratios["safealign ADPO unshared"]["step_vs_dpo"]  # unshared ADPO vs unshared DPO
+    assert got == pytest.approx(
+        rows["safealign ADPO unshared"]["step_ms_mean"]
+        / rows["safealign DPO unshared"]["step_ms_mean"]
     )
     assert ratios["TRL DPO"] == {}
 

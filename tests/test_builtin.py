@@ -1,5 +1,5 @@
 """Built-in synthetic corpus: determinism, splits, exact label counts, record shape, preference
-triples, argument errors, and the ISAAC cluster-size assumption (METHODS.md B.1/B.2)."""
+triples, argument errors, and the ISAAC cluster-size assumption (docs/methods.md B.1/B.2)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 
 from safealign.data.builtin import (
+    BuiltinSpec,
     builtin_preferences,
     generate_builtin,
     label_counts,
-    preference_triples,
 )
 from safealign.data.builtin_templates import EVASIVE_FAMILY, TOPICS, UNSAFE_FAMILY
+from safealign.data.triples import preference_triples
 from safealign.errors import ConfigError
 from safealign.types import EVASIVE, SAFE, UNKNOWN, UNSAFE, DialogueExample
 
@@ -183,9 +184,24 @@ def test_bad_arguments_name_the_key(kwargs, key):
     with pytest.raises(ConfigError) as err:
         generate_builtin(**kwargs)
     assert err.value.key == key and key in str(err.value)
+    with pytest.raises(ConfigError, match=key):  # the spec checks itself, whoever builds it
+        BuiltinSpec(**kwargs)
 
 
-# ISAAC's unsupervised premise (METHODS.md B.1, B.2 steps 3-8): among the responses of a context's
+def test_spec_is_the_one_signature_of_every_entry_point():
+    spec = BuiltinSpec(size=300, poison_fraction=0.1, seed=2)
+    assert spec == BuiltinSpec(300, 0.1, 0.08, 2) and hash(spec) == hash(BuiltinSpec(300, 0.1, seed=2))
+    dialogues = generate_builtin(300, 0.1, 0.08, 2)  # positional in field order, as before
+    assert spec.dialogues() == dialogues and spec.dialogues().test == dialogues.test
+    prefs = builtin_preferences(size=300, poison_fraction=0.1, seed=2, rejected="unsafe")
+    assert spec.preferences("unsafe") == prefs
+    with pytest.raises(TypeError, match="sise"):
+        BuiltinSpec(sise=300)  # a misspelt config key fails where the spec is built
+    with pytest.raises(AttributeError):
+        spec.size = 5  # frozen: one spec, one corpus
+
+
+# ISAAC's unsupervised premise (docs/methods.md B.1, B.2 steps 3-8): among the responses of a context's
 # neighbourhood the LARGEST clusters are safe. The corpus is built so that this holds at poison 0.04
 # and fails at 0.3; these tests check it with TF-IDF and (label, family) groups instead of DBSCAN.
 

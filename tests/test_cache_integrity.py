@@ -18,9 +18,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import safealign.cache
 import safealign.io
 import safealign.pipeline.store as store_mod
-from safealign.io import DigestCache, file_record, read_json, verify_record
+from safealign.cache import DigestCache
+from safealign.io import file_record, read_json, verify_record
 from safealign.methods import reference as ref
 from safealign.pipeline.store import DONE, ArtifactStore
 
@@ -40,7 +42,7 @@ def _fake_fit(calls: list):
 
 
 def test_a_data_file_changed_in_place_is_a_new_stage(make_cfg, tmp_path, monkeypatch):
-    import safealign.run
+    import safealign.pipeline.stages
     from safealign.pipeline.stages import run_fit_stage, stage_key
 
     assert len(ROWS[0]) == len(ROWS[1])
@@ -48,7 +50,7 @@ def test_a_data_file_changed_in_place_is_a_new_stage(make_cfg, tmp_path, monkeyp
     data.write_text(ROWS[0] * 3)
     cfg = make_cfg("data=jsonl", f"data.source.path={data}")
     calls: list[Path] = []
-    monkeypatch.setattr(safealign.run, "fit", _fake_fit(calls))
+    monkeypatch.setattr(safealign.pipeline.stages, "fit", _fake_fit(calls))
     d1, s1 = run_fit_stage(cfg, "sft", cfg)
     assert (s1, run_fit_stage(cfg, "sft", cfg)) == ("computed", (d1, "reused"))
     assert stage_key(cfg)["input_sha256"] == {"data.source.path": safealign.io.file_sha256(data)}
@@ -71,7 +73,7 @@ def test_input_digests_are_remembered_by_size_and_mtime(tmp_path, monkeypatch):
     def no_reads(path):
         raise AssertionError(f"re-read {path}")
 
-    monkeypatch.setattr(safealign.io, "file_sha256", no_reads)
+    monkeypatch.setattr(safealign.cache, "file_sha256", no_reads)
     assert DigestCache(tmp_path / "digests.json").content(data.parent) == digest
     data.write_text(ROWS[1])  # new mtime: hashed again
     with pytest.raises(AssertionError, match="re-read"):
@@ -200,8 +202,10 @@ def test_embedding_cache_not_matching_its_sha256_is_recomputed(tmp_path):
     texts = ["a cat", "a dog", "the cat sat"]
     enc = TfidfSvdEncoder(dim=2, seed=0)
     good = embed_cached(texts, enc, tmp_path)
-    (npy,) = tmp_path.glob("emb-*.npy")
-    np.save(npy, np.full_like(good, 0.5), allow_pickle=False)  # valid .npy, other numbers
+    (npz,) = tmp_path.glob("emb-*.npz")
+    with np.load(npz) as z:
+        meta = {n: z[n] for n in z.files if n.startswith("meta.")}  # the key and sha256 as read
+    np.savez(npz, emb=np.full_like(good, 0.5), **meta)  # valid .npz, other numbers
     np.testing.assert_array_equal(embed_cached(texts, enc, tmp_path), good)
 
 
@@ -235,7 +239,7 @@ def _child(root: Path, key: dict, started, phases: Path) -> None:
     def mark(phase: str) -> None:
         os.write(fd, f"{phase}\n".encode())
 
-    real_record, real_write = store_mod.file_record, store_mod.write_json
+    real_record, real_write = safealign.cache.file_record, store_mod.write_json
 
     def slow_record(path):  # stretch the commit so kills land inside it
         mark("commit: manifest")
@@ -248,7 +252,7 @@ def _child(root: Path, key: dict, started, phases: Path) -> None:
             mark("commit: sealed")
             time.sleep(0.03)
 
-    store_mod.file_record, store_mod.write_json = slow_record, slow_write
+    safealign.cache.file_record, store_mod.write_json = slow_record, slow_write
     started.set()
     ArtifactStore(root).get_or_compute("sft", key, lambda w: _compute(w, mark))
     mark("cache: save")

@@ -162,7 +162,7 @@ def test_generation_renders_prompts_with_the_template(tok):
 
 
 def test_judge_prompt_is_one_templated_user_turn(tok):
-    from safealign.pipeline.judge import hf_generate_fn
+    from safealign.annotate.hf import hf_generate_fn
 
     model = FakeLM(tok.eos_token_id)
     judge_prompt = f"Rate this dialogue:{TWO_TURNS} Knead it."  # quotes chat tags: not parsed

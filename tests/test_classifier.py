@@ -1,4 +1,4 @@
-"""Safety classifier (METHODS.md B.7): input string, last-token truncation, labels, training,
+"""Safety classifier (docs/methods.md B.7): input string, last-token truncation, labels, training,
 export and scoring through HFClassifierScorer / SafetyClassifierScorer."""
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from safealign.data.classify import (
     label_id,
 )
 from safealign.errors import ConfigError
+from safealign.fit import build
 from safealign.models.encoder import load_encoder_tokenizer, load_sequence_classifier, minilm_path
-from safealign.run import build, train
+from safealign.run import train
 from safealign.types import Corpus, DialogueExample, chat_prompt
 
 SAFE_REPLIES = [

@@ -10,8 +10,9 @@ import torch
 
 from safealign.data.control import TOXIC, with_control_token
 from safealign.errors import ConfigError
-from safealign.generation import SamplingConfig, generate, sample_tokens
+from safealign.generation import SamplingConfig, generate
 from safealign.models import build_tiny_gpt2, train_bpe_tokenizer
+from safealign.sampling import sample_tokens
 from safealign.types import chat_prompt
 
 WORDS = ["red", "blue", "green", "brown", "cat", "dog", "sun", "rain"]

@@ -6,7 +6,6 @@ run dirs: a 0-element tensor in model.safetensors or a step-0 KL of 0.5 must fai
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -24,15 +23,9 @@ FSDP2 = ROOT / "conf" / "strategy" / "fsdp2.yaml"
 TEXTS = ["\n\nHuman: how do I water a fern?\n\nAssistant: Keep the soil moist."] * 30
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = mod  # dataclasses resolve their module by name
-    spec.loader.exec_module(mod)
-    return mod
-
-
-gc = _load()
+sys.path.insert(0, str(ROOT / "scripts"))  # as `python scripts/gpu_check.py` sees it
+import gpu_check as gc  # noqa: E402
+import gpu_check_verdicts as gv  # noqa: E402
 
 
 def test_dry_run_composes_every_cell():
@@ -53,7 +46,7 @@ def test_dry_run_composes_every_cell():
 
 
 def test_dry_run_reports_a_missing_strategy_as_a_failure(tmp_path, capsys):
-    cells = [gc.Cell("nosuch", "sft")]
+    cells = [gv.Cell("nosuch", "sft")]
     assert gc.dry_run(cells, gc.Plan(tmp_path, devices=1)) == 1
     out = capsys.readouterr().out
     assert "nosuch/sft: FAIL" in out and "strategy/nosuch" in out and "0/1 cells compose" in out
@@ -61,11 +54,11 @@ def test_dry_run_reports_a_missing_strategy_as_a_failure(tmp_path, capsys):
 
 def test_dpo_cells_start_from_the_sft_export_of_the_same_strategy(tmp_path):
     plan = gc.Plan(tmp_path, devices=2)
-    ov = gc.base_overrides(gc.Cell("fsdp", "dpo"), plan)
+    ov = gc.base_overrides(gv.Cell("fsdp", "dpo"), plan)
     assert "~init" in ov and "model=hf" in ov
     assert f"model.name_or_path={tmp_path / 'fsdp' / 'sft' / 'model'}" in ov
     assert "trainer.devices=2" in ov and "strategy=fsdp" in ov
-    assert "model=tiny_llama" in gc.base_overrides(gc.Cell("fsdp", "sft"), plan)
+    assert "model=tiny_llama" in gc.base_overrides(gv.Cell("fsdp", "sft"), plan)
 
 
 def test_hydra_literal_keeps_interpolations():
@@ -116,7 +109,7 @@ def _run_dir(path: Path, tiny, kl: float = 0.0, empty: str | None = None) -> Pat
 
 
 def _judge(method: str, run_dir: Path, tiny, code: int | None = 0):
-    return gc.judge(gc.Cell("ddp", method), run_dir, code, expected_fn=lambda _: tiny[2])
+    return gv.judge(gv.Cell("ddp", method), run_dir, code, expected_fn=lambda _: tiny[2])
 
 
 def test_a_good_cell_passes_and_fills_the_row(tmp_path, tiny):
@@ -124,7 +117,7 @@ def test_a_good_cell_passes_and_fills_the_row(tmp_path, tiny):
     assert row.ok, row.problems
     assert row.kl == pytest.approx(1e-6) and row.loss == pytest.approx(0.52)
     assert (row.export, row.tokens_per_s, row.peak_mem_gb) == ("ok", 12345.6, 1.25)
-    line = gc.table([row]).splitlines()[-1]
+    line = gv.table([row]).splitlines()[-1]
     assert line == "| ddp | dpo | 1.0e-06 | 0.5200 | ok | 12,346 | 1.250 | ok |"
 
 
@@ -132,13 +125,13 @@ def test_step0_kl_of_half_fails(tmp_path, tiny):
     row = _judge("adpo", _run_dir(tmp_path, tiny, kl=0.5), tiny)
     assert not row.ok and row.kl == pytest.approx(0.5)
     assert any("step-0 |KL| 0.5 > 0.01" in p for p in row.problems)
-    assert "FAIL: step-0 |KL|" in gc.table([row])
+    assert "FAIL: step-0 |KL|" in gv.table([row])
 
 
 def test_sft_ignores_kl(tmp_path, tiny):
     row = _judge("sft", _run_dir(tmp_path, tiny, kl=0.5), tiny)
     assert row.ok and row.kl is None
-    assert "| n/a |" in gc.table([row])
+    assert "| n/a |" in gv.table([row])
 
 
 def test_zero_element_tensor_in_export_fails(tmp_path, tiny):
@@ -151,7 +144,7 @@ def test_zero_element_tensor_in_export_fails(tmp_path, tiny):
 def test_export_shapes_must_match_a_fresh_model(tmp_path, tiny):
     run = _run_dir(tmp_path, tiny)
     wrong = dict(tiny[2], **{"lm_head.weight": (7, 7)})
-    row = gc.judge(gc.Cell("fsdp2", "sft"), run, 0, expected_fn=lambda _: wrong)
+    row = gv.judge(gv.Cell("fsdp2", "sft"), run, 0, expected_fn=lambda _: wrong)
     assert any("shapes differ" in p and "lm_head.weight" in p for p in row.problems)
 
 
@@ -166,7 +159,7 @@ def test_nonzero_exit_timeout_and_missing_outputs_fail(tmp_path, tiny):
 def test_expected_shapes_come_from_the_model_config(tmp_path, tiny):
     tok, _, _ = tiny
     tok.save_pretrained(tmp_path)
-    shapes = gc.expected_shapes(tmp_path)
+    shapes = gv.expected_shapes(tmp_path)
     assert shapes["model.embed_tokens.weight"] == (len(tok), 128)
     assert shapes["model.layers.1.self_attn.k_proj.weight"] == (64, 128)  # 2 KV heads x 32
 
@@ -210,9 +203,9 @@ def test_train_sft_with_tiny_llama(tmp_path):
     ]  # fmt: skip
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    rows = gc.read_jsonl(run / "history.jsonl")
+    rows = gv.read_jsonl(run / "history.jsonl")
     assert len(rows) == 3 and all(torch.isfinite(torch.tensor(r["train/loss_step"])) for r in rows)
-    assert gc.check_export(run / "model", gc.expected_shapes(run / "model")) == []
+    assert gv.check_export(run / "model", gv.expected_shapes(run / "model")) == []
 
 
 # --- ThroughputMonitor ------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+import safealign.fit
 import safealign.run
 from safealign.errors import ConfigError
 from safealign.models import build_tiny_gpt2, load_causal_lm, load_tokenizer, train_bpe_tokenizer
@@ -122,15 +123,15 @@ def test_checkpointed_lora_model_has_the_same_adapter_gradients(hf_dir):
 
 @pytest.fixture
 def built(monkeypatch) -> list:
-    """(cfg, module) of every `run.build` call: the SFT stage's, then the DPO run's."""
-    calls, real = [], safealign.run.build
+    """(cfg, module) of every `fit.build` call: the SFT stage's, then the DPO run's."""
+    calls, real = [], safealign.fit.build
 
     def spy(cfg):
         out = real(cfg)
         calls.append((cfg, out[2]))
         return out
 
-    monkeypatch.setattr(safealign.run, "build", spy)
+    monkeypatch.setattr(safealign.fit, "build", spy)
     return calls
 
 

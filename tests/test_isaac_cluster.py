@@ -1,4 +1,4 @@
-"""ISAAC context neighbours (METHODS.md B.2 step 3) and content clustering (step 4)."""
+"""ISAAC context neighbours (docs/methods.md B.2 step 3) and content clustering (step 4)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from sklearn.cluster import DBSCAN
 
-from safealign.isaac.cluster import cluster_sizes, dbscan_neighbourhoods
+from safealign.isaac.cluster import _plan, cluster_sizes, dbscan_neighbourhoods
 from safealign.isaac.neighbours import recall_at_k, topk_cosine, topk_faiss
 
 
@@ -155,6 +155,11 @@ def test_dbscan_shared_union_path_matches_sklearn():
     rows = rng.choice(600, 80, replace=False)
     np.testing.assert_array_equal(shared[rows], _sklearn_labels(resp, neigh[rows], 1.0))
     assert 2 < shared.max(axis=1).mean() + 1 < 30
+    # contexts of groups too small to share a Gram matrix joined a neighbour's group: every
+    # context sits in exactly one task, and none needs a (K x K) Gram matrix of its own here
+    tasks = _plan(neigh, True, 64)
+    np.testing.assert_array_equal(np.sort(np.concatenate([r for r, _ in tasks])), np.arange(600))
+    assert all(union is not None for _, union in tasks)
 
 
 def test_topk_cosine_independent_of_blocking_and_threads():

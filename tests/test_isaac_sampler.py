@@ -1,10 +1,11 @@
-"""ISAAC sharpening (Eq. 1-2, METHODS.md B.2 steps 5-9, B.5), the sampler, and the caches."""
+"""ISAAC sharpening (Eq. 1-2, docs/methods.md B.2 steps 5-9, B.5), the sampler, and the caches."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from safealign.cache import NPZ, arrays_sha256
 from safealign.errors import ConfigError, DataError
 from safealign.isaac import prepare as prepare_mod
 from safealign.isaac.encoder import TfidfSvdEncoder, embed_cached
@@ -317,12 +318,15 @@ def test_embed_cache_hit_miss_and_corruption(tmp_path):
     embed_cached(["a", "bb", "cabs"], enc, tmp_path)
     assert enc.calls == 2  # different content -> miss
     (path,) = [
-        p for p in tmp_path.glob("emb-*.npy") if np.load(p).shape[0] == 3 and np.load(p)[2, 0] == 3
-    ]
-    path.write_bytes(b"\x93NUMPY garbage")  # corrupted -> recomputed, never used
+        p for p in tmp_path.glob("emb-*.npz") if np.load(p)["emb"].shape[0] == 3
+        and np.load(p)["emb"][2, 0] == 3
+    ]  # fmt: skip
+    path.write_bytes(b"PK\x03\x04 garbage")  # corrupted -> recomputed, never used
     np.testing.assert_array_equal(embed_cached(["a", "bb", "cab"], enc, tmp_path), a)
     assert enc.calls == 3
-    np.save(path, np.zeros((2, 3), np.float32))  # wrong row count -> recomputed
+    key = str(np.load(path)["meta.key"])
+    wrong = {"emb": np.zeros((2, 3), np.float32)}  # wrong row count, under a consistent sha256
+    NPZ.save(path, wrong, {"key": key, "sha256": arrays_sha256(wrong)})  # -> recomputed
     np.testing.assert_array_equal(embed_cached(["a", "bb", "cab"], enc, tmp_path), a)
     assert enc.calls == 4 and not list(tmp_path.glob(".*tmp"))
     with pytest.raises(DataError, match="row 1"):

@@ -6,7 +6,8 @@ import json
 
 import numpy as np
 
-from safealign.run import build, train
+from safealign.fit import build
+from safealign.run import train
 
 
 def isaac_cfg(make_cfg, *extra):
@@ -42,6 +43,6 @@ def test_tempering_stage_resamples_with_a_new_seed(make_cfg):
     again = [r.targets for r in dm._draw(0)]
     stage1 = [r.targets for r in dm._draw(1)]
     assert stage0 == again  # same stage, same seed: same draws
-    assert stage0 != stage1  # next stage reseeds (seed + stage), METHODS.md B.5
+    assert stage0 != stage1  # next stage reseeds (seed + stage), docs/methods.md B.5
     rates = [s["target_unsafe_rate"] for s in dm.sample_stats]
     assert all(np.isfinite(rates))

@@ -1,4 +1,4 @@
-"""Annotation judges (safealign/pipeline/judge.py) with fake scorers on hand-built rows."""
+"""Annotation judges (safealign/annotate/) with fake scorers on hand-built rows."""
 
 from __future__ import annotations
 
@@ -9,15 +9,11 @@ import re
 import numpy as np
 import pytest
 
+from safealign.annotate.classifier import ClassifierJudge
+from safealign.annotate.hf import hf_generate_fn
+from safealign.annotate.llm import LLMJudge, parse_verdict
+from safealign.annotate.rows import load_judgements, save_judgements
 from safealign.errors import ConfigError, DataError
-from safealign.pipeline.judge import (
-    ClassifierJudge,
-    LLMJudge,
-    hf_generate_fn,
-    load_judgements,
-    parse_verdict,
-    save_judgements,
-)
 from safealign.types import PreferenceExample, chat_prompt
 
 

@@ -195,7 +195,7 @@ def _separate_logps(model, encoded) -> float:
 @pytest.mark.parametrize("n_way", [2, 3])
 def test_concatenated_forward_equals_separate_unpadded_forwards(tok, model, n_way):
     items = _items(tok, with_toxic=n_way == 3)
-    batch = PreferenceCollator(pad_id=tok.pad_token_id)(items)
+    batch = PreferenceCollator(pad_id=tok.pad_token_id)(items)._asdict()
     assert (batch["attention_mask"] == 0).any()  # right padding is really exercised
     with torch.no_grad():
         got = concatenated_forward(
@@ -209,7 +209,7 @@ def test_concatenated_forward_equals_separate_unpadded_forwards(tok, model, n_wa
 
 
 def test_concatenated_forward_rejects_uneven_blocks(tok, model):
-    batch = PreferenceCollator(pad_id=tok.pad_token_id)(_items(tok, with_toxic=False))
+    batch = PreferenceCollator(pad_id=tok.pad_token_id)(_items(tok, with_toxic=False))._asdict()
     with pytest.raises(ValueError, match="equal blocks"):
         concatenated_forward(model, batch["input_ids"], batch["attention_mask"], batch["labels"], 3)
 
@@ -256,7 +256,7 @@ def _unpadded(row: torch.Tensor, mask: torch.Tensor) -> list[int]:
 @pytest.mark.parametrize("with_toxic", [False, True])
 def test_preference_collator_stacks_blocks(tok, with_toxic):
     items = _items(tok, with_toxic)
-    batch = PreferenceCollator(pad_id=tok.pad_token_id)(items)
+    batch = PreferenceCollator(pad_id=tok.pad_token_id)(items)._asdict()
     fields = ["chosen", "rejected"] + (["toxic"] if with_toxic else [])
     n, length = len(items), batch["input_ids"].shape[1]
     for key in ("input_ids", "attention_mask", "labels"):
@@ -273,12 +273,12 @@ def test_preference_collator_stacks_blocks(tok, with_toxic):
             assert (batch["labels"][row, size:] == IGNORE).all()
             assert (batch["input_ids"][row, size:] == tok.pad_token_id).all()
     assert batch["index"].tolist() == [0, 1]
-    ctx_keys = {f"toxic_ctx_{k}" for k in ("input_ids", "attention_mask", "labels")}
-    assert ctx_keys <= batch.keys() if with_toxic else not ctx_keys & batch.keys()
+    ctx = batch["toxic_ctx"]  # Rows(input_ids, attention_mask, labels) or None
+    assert (ctx is not None) == with_toxic
     if with_toxic:
-        assert batch["toxic_ctx_input_ids"].shape[0] == n
+        assert ctx.input_ids.shape[0] == n
         for i, (_, enc) in enumerate(items):
-            ids = _unpadded(batch["toxic_ctx_input_ids"][i], batch["toxic_ctx_attention_mask"][i])
+            ids = _unpadded(ctx.input_ids[i], ctx.attention_mask[i])
             assert ids == enc["toxic_ctx"].input_ids
 
 

@@ -1,4 +1,4 @@
-"""Metrics on toy inputs with hand-derived expected values (METHODS.md B.7)."""
+"""Metrics on toy inputs with hand-derived expected values (docs/methods.md B.7)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Each broken dir is a good tiny GPT-2 export (config.json, model.safetensors, tokenizer.json)
 that the test then breaks. Every case must raise the project's ConfigError naming the dir or file
-from the FIRST factory `safealign.run.build` calls (the tokenizer), with no weights loaded.
+from the FIRST factory `safealign.fit.build` calls (the tokenizer), with no weights loaded.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def test_broken_dir_named_before_any_weights(good_dir, tmp_path, no_weights_load
     d = _copy(good_dir, tmp_path)
     breaks(d)
     with pytest.raises(ConfigError, match="model.name_or_path") as err:
-        load_tokenizer(str(d))  # run.build makes the tokenizer first: it must refuse the dir
+        load_tokenizer(str(d))  # fit.build makes the tokenizer first: it must refuse the dir
     _assert_names(err.value, d, expected)
 
 

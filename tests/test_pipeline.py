@@ -16,9 +16,11 @@ from conftest import ROOT, TINY, compose_cfg
 
 from safealign.errors import ConfigError
 from safealign.pipeline import adpo
-from safealign.pipeline.adpo import needed_stages, portable, run_adpo_pipeline
-from safealign.pipeline.demo import aggregate, check_targets, pipeline_settings
+from safealign.pipeline.adpo import needed_stages, run_adpo_pipeline
+from safealign.pipeline.demo import pipeline_settings
+from safealign.pipeline.stages import portable
 from safealign.pipeline.store import ArtifactStore
+from safealign.pipeline.summary import aggregate, check_targets
 
 # A few prompts and steps, no sentence encoder: the first run takes ~30 s on one core.
 PIPE = [
@@ -131,7 +133,7 @@ def test_rerun_reuses_every_stage_without_computing(first, monkeypatch):
 
     for name in ("generate_stage", "judge_stage", "evaluate_stage"):
         monkeypatch.setattr(adpo, name, never)
-    monkeypatch.setattr("safealign.run.fit", never)
+    monkeypatch.setattr("safealign.pipeline.stages.fit", never)
     from safealign.run import train
 
     train(compose_cfg(PIPE, tmp))  # through the real entry: run.train -> cfg.pipeline
@@ -204,7 +206,7 @@ def test_beta_gamma_multirun_computes_shared_stages_once(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    seen = re.findall(r"\[pipeline\] stage (\S+)\s+(computed|reused)", r.stdout)
+    seen = re.findall(r"^stage (\S+)\s+(computed|reused)", r.stdout, re.M)
     assert len(seen) == 2 * len(ALL)
     count = {s: [v for st, v in seen if st == s] for s in ALL}
     for s in ("sft", "generate", "judge", "dpo", "evaluate/SFT", "evaluate/DPO"):

@@ -1,4 +1,4 @@
-"""PoisonedWoz pollution (METHODS.md B.8), MultiWOZ loading, and RPR/DPR on polluted data."""
+"""PoisonedWoz pollution (docs/methods.md B.8), MultiWOZ loading, and RPR/DPR on polluted data."""
 
 from __future__ import annotations
 

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import pytest
 import torch
 
 from safealign.data.datamodule import DataModule
-from safealign.errors import NonFiniteLossError
+from safealign.errors import ConfigError, NonFiniteLossError
 from safealign.losses import adpo_loss, dpo_loss
 from safealign.methods.preference import PreferenceModule
+from safealign.methods.toxic_ref import FrozenSFT, PolicyDetached
 from safealign.models import build_tiny_gpt2, train_bpe_tokenizer
 from safealign.types import Corpus, LossOut, PreferenceExample, chat_prompt
 
@@ -90,18 +92,18 @@ def test_precomputed_equals_on_the_fly_reference(tokenizer, tmp_path):
     for m in (pre, fly):
         t = L.Trainer(accelerator="cpu", logger=False, max_steps=0, enable_progress_bar=False)
         t.fit(m, datamodule=dm)
-    batch = next(iter(dm._loader("train", False)))
-    a, b = pre.reference_logps(batch, "train", 3), fly.reference_logps(batch, "train", 3)
+    batch = dm.collator()(dm.indexed_rows("train")[:4])
+    a, b = pre.reference_logps(batch, "train"), fly.reference_logps(batch, "train")
     for x, y in zip(a, b, strict=True):
         torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-5)
 
 
 def test_policy_detached_pi_t_follows_the_policy(tokenizer, tmp_path):
-    dm, module, trainer = setup(tokenizer, tmp_path, toxic_ref="policy_detached")
+    dm, module, trainer = setup(tokenizer, tmp_path, toxic_ref=PolicyDetached())
     trainer.fit(module, datamodule=dm)
-    batch = next(iter(dm._loader("train", False)))
-    frozen = module.ref_cache["train"]["toxic"][batch["index"]]
-    now = module.reference_logps(batch, "train", 3).toxic
+    batch = dm.collator()(dm.indexed_rows("train")[:4])
+    frozen = module.ref_cache["train"]["toxic"][batch.index]
+    now = module.reference_logps(batch, "train").toxic
     assert not torch.allclose(frozen, now)  # two optimizer steps moved the policy
 
 
@@ -148,3 +150,74 @@ def test_step0_refuses_a_reference_that_does_not_reproduce_the_policy(tokenizer,
     dm2, module2, trainer2 = setup(tokenizer, tmp_path)
     with pytest.raises(RuntimeError, match=r"step 0.*differ from the policy's by 5"):
         trainer2.fit(module2, datamodule=dm2)
+
+
+def test_toxic_ref_that_is_not_a_target_node_names_the_key(tokenizer, tmp_path):
+    """The pre-issue-13 string form (`method.toxic_ref=policy_detached`) fails clearly."""
+    with pytest.raises(ConfigError, match=r"method\.toxic_ref.*PolicyDetached"):
+        setup(tokenizer, tmp_path, toxic_ref="policy_detached")
+
+
+def test_toxic_ref_is_chosen_by_target_from_the_command_line():
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    conf = str(Path(__file__).resolve().parents[1] / "conf")
+    with initialize_config_dir(config_dir=conf, version_base="1.3"):
+        default = compose("train", overrides=["method=adpo"])
+        detached = compose("train", overrides=[
+            "method=adpo", "method.toxic_ref._target_=safealign.methods.toxic_ref.PolicyDetached"])
+    assert isinstance(instantiate(default.method.toxic_ref), FrozenSFT)
+    assert isinstance(instantiate(detached.method.toxic_ref), PolicyDetached)
+
+
+def test_every_module_shares_the_base_steps_and_syncs_epoch_metrics():
+    """One step plumbing (BaseModule): no module re-declares the Lightning step hooks, and
+    val/test metrics are reduced over ranks (sync_dist) while train metrics are per step."""
+    from safealign.methods.base import BaseModule
+    from safealign.methods.classifier import ClassifierModule
+    from safealign.methods.rephraser import RephraserModule
+    from safealign.methods.sft import MultiTargetModule, SFTModule
+
+    for cls in (ClassifierModule, RephraserModule, SFTModule, MultiTargetModule, PreferenceModule):
+        for hook in ("training_step", "validation_step", "test_step"):
+            assert getattr(cls, hook) is getattr(BaseModule, hook), (cls, hook)
+    module, logged = BaseModule(lambda tok: torch.nn.Linear(1, 1), None, None), []
+    module.log = lambda name, value, **kw: logged.append((name, kw))
+    for split in ("train", "val"):
+        module.log_split(split, {"loss": torch.tensor(1.0), "acc": torch.tensor(0.5)}, 4)
+    kw = dict(logged)
+    assert kw["train/loss"] == dict(prog_bar=True, batch_size=4, on_step=True, on_epoch=True,
+                                    sync_dist=False)  # fmt: skip
+    assert kw["val/acc"] == dict(prog_bar=False, batch_size=4, on_step=False, on_epoch=True,
+                                 sync_dist=True)  # fmt: skip
+
+
+@pytest.mark.parametrize("needs_toxic", [False, True])
+def test_shared_prompt_module_matches_unshared(tokenizer, tmp_path, needs_toxic, monkeypatch):
+    """method.shared_prompt (issue 12): the same training run, reference precompute included,
+    to float rounding, and the two forwards never share a reference cache entry."""
+    import safealign.shared_prompt as sp
+
+    def no_fallback(*args, **kwargs):
+        raise AssertionError("shared_prompt_forward fell back to the unshared forward")
+
+    runs = {}
+    for shared in (False, True):
+        loss = None if needs_toxic else functools.partial(dpo_loss, beta=0.9)
+        dm, module, trainer = setup(tokenizer, tmp_path, loss=loss, needs_toxic=needs_toxic,
+                                    shared_prompt=shared)  # fmt: skip
+        with monkeypatch.context() as m:
+            if shared:
+                m.setattr(sp, "concatenated_forward", no_fallback)
+            trainer.fit(module, datamodule=dm)
+        runs[shared] = module
+    a, b = runs[False], runs[True]
+    for split, fields in a.ref_cache.items():
+        for name, t in fields.items():
+            torch.testing.assert_close(b.ref_cache[split][name], t, rtol=0, atol=1e-4)
+    losses = [[row["train/loss_step"] for row in m.history] for m in (a, b)]
+    assert len(losses[0]) == 2 and losses[0] == pytest.approx(losses[1], abs=1e-5)
+    for pa, pb in zip(a.model.parameters(), b.model.parameters(), strict=True):
+        torch.testing.assert_close(pb, pa, rtol=0, atol=1e-5)
+    assert len(list((tmp_path / "ref").glob("reflogps-*.safetensors"))) == 2

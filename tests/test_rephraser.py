@@ -1,4 +1,4 @@
-"""ISAAC rephraser (METHODS.md B.3, B.5): input string, multi-target seq2seq loss with -100
+"""ISAAC rephraser (docs/methods.md B.3, B.5): input string, multi-target seq2seq loss with -100
 padding, tempering resampling, rewrite() with a detector, export round trip, determinism."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from safealign.data.collate import IGNORE
+from safealign.fit import build
 from safealign.isaac.rephrase import (
     Seq2SeqCollator,
     Seq2SeqEncoded,
@@ -20,8 +21,8 @@ from safealign.isaac.rephrase import (
     rephrase_input,
     rewrite,
 )
-from safealign.methods.rephraser import seq2seq_multi_target_loss
-from safealign.run import build, train
+from safealign.losses import seq2seq_multi_target_loss
+from safealign.run import train
 from safealign.types import chat_prompt
 
 SMALL = [

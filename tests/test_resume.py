@@ -14,13 +14,13 @@ import torch
 from hydra import compose, initialize_config_dir
 from lightning.fabric.utilities.types import _Stateful
 
+from safealign.data.loader import ResumableDataLoader
 from safealign.errors import ConfigError
 from safealign.hydra_callbacks import check_explicit_checkpoint
 from safealign.io import write_json
 from safealign.resume import (
     FINGERPRINT,
     CheckpointOnSignal,
-    ResumableDataLoader,
     resolve_ckpt_path,
     run_fingerprint,
 )

@@ -13,6 +13,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from safealign.annotate.llm import parse_yes_no  # noqa: E402
 from safealign.errors import ConfigError  # noqa: E402
 from safealign.eval.coherence import (  # noqa: E402
     EmbeddingCoherenceScorer,
@@ -27,7 +28,6 @@ from safealign.eval.scorers import (  # noqa: E402
     ProfanityScorer,
     RefusalScorer,
     Scorer,
-    parse_yes_no,
 )
 from safealign.types import SAFE, UNSAFE, DialogueExample  # noqa: E402
 

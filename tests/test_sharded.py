@@ -74,10 +74,8 @@ def test_reference_under_autocast_equals_the_bf16_policy_and_fp32_does_not(tmp_p
 
     model.eval()
     batch = collate(rows[:5])
-    n = 5
     with torch.no_grad(), bf16():
-        pol = concatenated_forward(model, *(batch[k][: 2 * n] for k in
-                                            ("input_ids", "attention_mask", "labels")), 2)  # fmt: skip
+        pol = concatenated_forward(model, *batch.chosen_rejected(), 2)
     torch.testing.assert_close(pol.chosen.float(), ref_bf16["chosen"][:5], atol=1e-4, rtol=0)
     assert (pol.chosen.float() - ref_fp32["chosen"][:5]).abs().max() > 1e-3
 
@@ -130,7 +128,7 @@ def test_nan_on_another_rank_stops_this_rank_too():
     module = BaseModule(lambda tok: torch.nn.Linear(1, 1), None, None)
     module._trainer = Trainer()
     with pytest.raises(NonFiniteLossError, match="another rank at global step 7"):
-        module.check_finite(torch.tensor(1.0), {"index": torch.tensor([3])}, 0)
+        module.check_finite(torch.tensor(1.0), torch.tensor([3]), 0)
 
 
 # --- slow: real multi-process runs ------------------------------------------------------------

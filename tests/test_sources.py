@@ -29,10 +29,10 @@ from fixtures_writers import (
     write_xstest,
 )
 
+from safealign.data.prompts import load_eval_prompts
+from safealign.data.readers import read_jsonl
 from safealign.data.sources import (
-    iter_jsonl,
     load_diasafety,
-    load_eval_prompts,
     load_hf_dataset_dir,
     load_hh_rlhf,
     load_jsonl,
@@ -383,7 +383,7 @@ def test_empty_files(tmp_path, content):
         load_diasafety(tmp_path / "e.json")
     (tmp_path / "e.jsonl.gz").write_bytes(gzip.compress(content))
     with pytest.raises(DataError, match=r"e\.jsonl\.gz: file is empty"):
-        list(iter_jsonl(tmp_path / "e.jsonl.gz"))
+        list(read_jsonl(tmp_path / "e.jsonl.gz"))
 
 
 def test_bad_folders_and_csv(tmp_path):

@@ -17,8 +17,9 @@ from lightning.pytorch.demos.boring_classes import BoringModel
 from torch.utils.data import DataLoader, TensorDataset
 
 from safealign import stop
+from safealign.data.loader import ResumableDataLoader
 from safealign.errors import ConfigError
-from safealign.resume import CheckpointOnSignal, ResumableDataLoader
+from safealign.resume import CheckpointOnSignal
 
 USR2 = signal.SIGUSR2
 

@@ -142,7 +142,7 @@ def test_non_zero_rank_never_joins_another_jobs_stale_work(env, tmp_path):
 
 
 def test_a_requeued_fit_stage_continues_from_its_newest_checkpoint(env, make_cfg, monkeypatch):
-    import safealign.run
+    import safealign.pipeline.stages
     from safealign.pipeline.stages import run_fit_stage, stage_config
 
     cfg = make_cfg("experiment=dpo_builtin", "init.data.source.size=200")
@@ -158,7 +158,7 @@ def test_a_requeued_fit_stage_continues_from_its_newest_checkpoint(env, make_cfg
             raise SystemExit(143)  # SIGTERM'd by the scheduler, requeued
         return {}
 
-    monkeypatch.setattr(safealign.run, "fit", fake_fit)
+    monkeypatch.setattr(safealign.pipeline.stages, "fit", fake_fit)
     scfg = stage_config(cfg, cfg.init)
     with pytest.raises(SystemExit):
         run_fit_stage(cfg, "sft", scfg)

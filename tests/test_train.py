@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from safealign.run import build, train
+from safealign.fit import build
+from safealign.run import train
 
 
 def _losses(cfg) -> list[float]:

@@ -121,16 +121,17 @@ def _trl_step(trainer, batch: dict) -> SimpleNamespace:
 
 
 def _safealign_step(
-    world, batch: dict, labels: torch.Tensor, loss_fn, average: bool = False, beta: float = BETA
+    world, batch: dict, labels: torch.Tensor, loss_fn, average: bool = False, beta: float = BETA,
+    forward=concatenated_forward,
 ) -> SimpleNamespace:
-    """safealign's path on the same ids: concatenated_forward (policy, reference), loss, mean."""
+    """safealign's path on the same ids: ``forward`` (policy, reference), loss, mean."""
     policy, reference = copy.deepcopy(world.policy), world.reference
     args = (batch["input_ids"], batch["attention_mask"], labels, 2, average)
-    pol = concatenated_forward(policy, *args)
+    pol = forward(policy, *args)
     with torch.no_grad():
-        ref = concatenated_forward(reference, *args)
+        ref = forward(reference, *args)
     out = loss_fn(pol, ref, beta=beta)
-    loss = out.losses.mean()  # TRL reduces with a batch mean (METHODS.md C.3)
+    loss = out.losses.mean()  # TRL reduces with a batch mean (docs/methods.md C.3)
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in policy.named_parameters()}
     return SimpleNamespace(loss=loss.detach(), out=out, pol=pol, grads=grads)
@@ -231,10 +232,11 @@ def test_encode_reproduces_trl_token_ids(world, trl_dpo):
     ours = PreferenceCollator(pad_id=tok.pad_token_id)(items)
     theirs = trainer.data_collator(rows)
     for key in ("input_ids", "attention_mask"):
-        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=0)
-    torch.testing.assert_close(ours["labels"], _trl_labels(theirs), rtol=0, atol=0)
+        torch.testing.assert_close(getattr(ours, key), theirs[key], rtol=0, atol=0)
+    torch.testing.assert_close(ours.labels, _trl_labels(theirs), rtol=0, atol=0)
     # End to end through safealign's own batch: same loss and gradients as TRL on its batch.
-    ref, mine = _trl_step(trainer, theirs), _safealign_step(world, ours, ours["labels"], dpo_loss)
+    ref = _trl_step(trainer, theirs)
+    mine = _safealign_step(world, ours._asdict(), ours.labels, dpo_loss)
     assert abs(mine.loss.item() - ref.loss.item()) <= ATOL
     assert _max_grad_diff(mine.grads, ref.grads) <= ATOL
 
@@ -252,3 +254,21 @@ def test_boundary_merge_is_where_joint_and_separate_tokenisation_differ(world):
     # With the convention (no trailing space; response starts with one) they agree.
     fixed = encode(tok, prompt.rstrip(), " " + response, MAX_LENGTH - 1, MAX_LENGTH).input_ids[:-1]
     assert tok(prompt.rstrip() + " " + response)["input_ids"] == fixed
+
+
+def test_shared_prompt_forward_matches_trl(world, trl_dpo, monkeypatch):
+    """The default path (method.shared_prompt: each pair's prompt run once, issue 12) is held to
+    the same TRL tolerance, on TRL's own batch; falling back to the unshared path fails the test."""
+    import safealign.shared_prompt as sp
+
+    def no_fallback(*args, **kwargs):
+        raise AssertionError("shared_prompt_forward fell back to the unshared forward")
+
+    monkeypatch.setattr(sp, "concatenated_forward", no_fallback)
+    ref = trl_dpo.result
+    ours = _safealign_step(world, trl_dpo.batch, trl_dpo.labels, dpo_loss,
+                           forward=sp.shared_prompt_forward)  # fmt: skip
+    assert abs(ours.loss.item() - ref.loss.item()) <= ATOL
+    assert _max_grad_diff(ours.grads, ref.grads) <= ATOL
+    logps = abs(ours.pol.chosen.mean().item() - ref.metrics["logps/chosen"])
+    assert logps <= ATOL * abs(ref.metrics["logps/chosen"])

@@ -4,7 +4,7 @@ Every example carries its hidden label, topic, ``context_id`` (hash of the conte
 response ``family``, so evaluation rates are exact. Per topic, safe responses are spread uniformly
 over four paraphrase families while unsafe ones form ONE insult family, so the unsafe family is a
 topic's largest once poison > (1 - poison - evasive) / 4 (poison > ~0.18 at evasive 0.08): ISAAC's
-"largest response clusters are safe" assumption (METHODS.md B.1, B.2 steps 4-8) holds at poison
+"largest response clusters are safe" assumption (docs/methods.md B.1, B.2 steps 4-8) holds at poison
 0.04 and 0.1 and fails at 0.3. Templates and word lists live in ``builtin_templates.py``.
 """
 
@@ -13,10 +13,13 @@ from __future__ import annotations
 import string
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from safealign.data import builtin_templates as bt
+from safealign.data.triples import preference_triples
 from safealign.errors import ConfigError
 from safealign.io import stable_hash
 from safealign.types import (
@@ -26,15 +29,12 @@ from safealign.types import (
     UNSAFE,
     Corpus,
     DialogueExample,
-    PreferenceExample,
     as_response,
     chat_prompt,
 )
 
 SOURCE = "builtin"
 TWO_TURN_FRACTION = 0.2  # share of contexts that open with a greeting exchange before the question
-REJECTED_LABELS = {"unsafe_or_evasive": (UNSAFE, EVASIVE), "unsafe": (UNSAFE,),
-                   "evasive": (EVASIVE,)}  # fmt: skip
 _MAX_SLOTS = 4  # most slot fields in any one template (checked when templates are compiled)
 _Template = tuple[str, tuple[tuple[str, ...], ...]]  # (positional format string, slot fillers)
 _OTHER_FAMILY = {UNSAFE: bt.UNSAFE_FAMILY, EVASIVE: bt.EVASIVE_FAMILY}
@@ -90,20 +90,58 @@ def _check_fraction(key: str, value: object) -> float:
     return float(value)
 
 
-def _validate(size, poison, evasive, seed, val, test, num_topics) -> tuple[dict, ...]:
-    size, _ = _check_int("data.size", size, 10), _check_int("data.seed", seed, 0)
-    p = _check_fraction("data.poison_fraction", poison)
-    e = _check_fraction("data.evasive_fraction", evasive)
-    if p + e >= 1.0 or round(p * size) + round(e * size) >= size:
-        msg = f"poison ({p}) + evasive ({e}) must leave some of the {size} responses safe"
-        raise ConfigError("data.evasive_fraction", msg)
-    v = _check_fraction("data.val_fraction", val)
-    t = _check_fraction("data.test_fraction", test)
-    if size - round(v * size) - round(t * size) < 1:
-        raise ConfigError("data.test_fraction", f"val ({v}) + test ({t}) leave no training data")
-    if num_topics is None:
-        return _COMPILED
-    return _COMPILED[: _check_int("data.num_topics", num_topics, 1, len(_COMPILED))]
+@dataclass(frozen=True)
+class BuiltinSpec:
+    """What identifies a built-in corpus: the same spec gives the same corpus, bit for bit.
+
+    The fields are the config keys (``data.source.*``, ``eval_set.*``, the ground-truth scorer's),
+    so every entry point builds its spec from them; the eval sets must use the training run's.
+
+    Attributes:
+        size: total dialogues over all splits (>= 10).
+        poison_fraction: share of unsafe (insult) responses; exactly round(poison_fraction*size).
+        evasive_fraction: share of evasive (refusal) responses; exactly round(that * size).
+        seed: seeds a private ``np.random.default_rng``; same seed, same corpus.
+        val_fraction: share of dialogues in val; contexts never cross splits.
+        test_fraction: share of dialogues in test.
+        num_topics: use only the first ``num_topics`` topics (None: all eight).
+
+    Raises:
+        ConfigError: naming the ``data.*`` key of an out-of-range field.
+    """
+
+    size: int = 2000
+    poison_fraction: float = 0.04
+    evasive_fraction: float = 0.08
+    seed: int = 0
+    val_fraction: float = 0.05
+    test_fraction: float = 0.1
+    num_topics: int | None = None
+
+    def __post_init__(self) -> None:
+        size, _ = _check_int("data.size", self.size, 10), _check_int("data.seed", self.seed, 0)
+        p = _check_fraction("data.poison_fraction", self.poison_fraction)
+        e = _check_fraction("data.evasive_fraction", self.evasive_fraction)
+        if p + e >= 1.0 or round(p * size) + round(e * size) >= size:
+            msg = f"poison ({p}) + evasive ({e}) must leave some of the {size} responses safe"
+            raise ConfigError("data.evasive_fraction", msg)
+        v = _check_fraction("data.val_fraction", self.val_fraction)
+        t = _check_fraction("data.test_fraction", self.test_fraction)
+        if size - round(v * size) - round(t * size) < 1:
+            msg = f"val ({v}) + test ({t}) leave no training data"
+            raise ConfigError("data.test_fraction", msg)
+        if self.num_topics is not None:
+            _check_int("data.num_topics", self.num_topics, 1, len(_COMPILED))
+
+    @property
+    def topics(self) -> tuple[dict, ...]:
+        return _COMPILED if self.num_topics is None else _COMPILED[: int(self.num_topics)]
+
+    def dialogues(self) -> Corpus:
+        return builtin_dialogues(self)
+
+    def preferences(self, rejected: str = "unsafe_or_evasive") -> Corpus:
+        return preference_corpus(self, rejected)
 
 
 def _uniform_rows(rng: np.random.Generator, n: int, width: int):
@@ -180,45 +218,28 @@ def _dialogues(index, counts, topic_ids, contexts, topics, ids, rng) -> list[Dia
     return out
 
 
-def generate_builtin(
-    size: int = 2000,
-    poison_fraction: float = 0.04,
-    evasive_fraction: float = 0.08,
-    seed: int = 0,
-    val_fraction: float = 0.05,
-    test_fraction: float = 0.1,
-    num_topics: int | None = None,
-) -> Corpus:
-    """Generate the labelled synthetic dialogue corpus.
-
-    Args:
-        size: total dialogues over all splits (>= 10).
-        poison_fraction: share of unsafe (insult) responses; exactly round(poison_fraction*size).
-        evasive_fraction: share of evasive (refusal) responses; exactly round(that * size).
-        seed: seeds a private ``np.random.default_rng``; same seed, same corpus.
-        val_fraction: share of dialogues in val; contexts never cross splits.
-        test_fraction: share of dialogues in test.
-        num_topics: use only the first ``num_topics`` topics (None: all eight).
+def builtin_dialogues(spec: BuiltinSpec) -> Corpus:
+    """Generate the labelled synthetic dialogue corpus ``spec`` describes.
 
     Returns:
         Corpus(train, val, test, name="builtin") of DialogueExample with source "builtin" and
         meta {"context_id": hash of the context text, "family": response family}.
-
-    Raises:
-        ConfigError: naming the ``data.*`` key of an out-of-range argument.
     """
-    topics = _validate(
-        size, poison_fraction, evasive_fraction, seed, val_fraction, test_fraction, num_topics
-    )
-    size = int(size)
-    rng = np.random.default_rng(int(seed))
-    topic_ids, contexts = _contexts(size, topics, rng)
-    n_val, n_test = round(val_fraction * size), round(test_fraction * size)
+    size = int(spec.size)
+    rng = np.random.default_rng(int(spec.seed))
+    topic_ids, contexts = _contexts(size, spec.topics, rng)
+    n_val, n_test = round(spec.val_fraction * size), round(spec.test_fraction * size)
     splits = _split_by_context(contexts, n_val, n_test, rng)
-    plan = _label_plan([len(s) for s in splits], size, poison_fraction, evasive_fraction)
-    shared = (topic_ids, contexts, topics, {}, rng)  # {}: context -> context_id, hashed once
+    plan = _label_plan([len(s) for s in splits], size, spec.poison_fraction, spec.evasive_fraction)
+    shared = (topic_ids, contexts, spec.topics, {}, rng)  # {}: context -> context_id, hashed once
     train, val, test = (_dialogues(s, c, *shared) for s, c in zip(splits, plan, strict=True))
     return Corpus(train=train, val=val, test=test, name=SOURCE)
+
+
+def generate_builtin(*spec: Any, **fields: Any) -> Corpus:
+    """The ``data.source`` target of ``data=builtin``: :class:`BuiltinSpec` fields (positional in
+    field order, or by name) -> the dialogue corpus."""
+    return BuiltinSpec(*spec, **fields).dialogues()
 
 
 def label_counts(examples: Sequence[DialogueExample]) -> dict[str, int]:
@@ -227,94 +248,21 @@ def label_counts(examples: Sequence[DialogueExample]) -> dict[str, int]:
     return {**{lab: 0 for lab in LABELS}, **counts}
 
 
-def _pools(examples: Sequence[DialogueExample], label_sets) -> dict:
-    """(labels, topic) -> responses, plus (labels, None) -> responses of every topic."""
-    pools: dict = {}
-    for labels in label_sets:
-        for ex in examples:
-            if ex.label in labels:
-                pools.setdefault((labels, ex.topic), []).append(ex.response)
-                pools.setdefault((labels, None), []).append(ex.response)
-    return pools
-
-
-def _draw(own: list[DialogueExample], labels, topic: str, pools: dict, rng) -> str | None:
-    """A response with one of ``labels``: the context's own if it has one, else borrowed."""
-    candidates = [ex.response for ex in own if ex.label in labels]
-    candidates = candidates or pools.get((labels, topic)) or pools.get((labels, None))
-    return candidates[int(rng.integers(len(candidates)))] if candidates else None
-
-
-def preference_triples(
-    dialogues: list[DialogueExample],
-    seed: int = 0,
-    rejected: str = "unsafe_or_evasive",
-    pool: list[DialogueExample] | None = None,
-) -> list[PreferenceExample]:
-    """One (chosen, rejected, toxic) triple per distinct context, from the hidden labels.
-
-    Contexts are grouped by ``meta["context_id"]`` (else the text), in first-appearance order.
-    chosen is safe, rejected has a label in ``rejected`` ("unsafe_or_evasive" | "unsafe" |
-    "evasive"), toxic is unsafe. A context's own response is used when its label fits; otherwise
-    (most contexts have one safe response) one is drawn uniformly from the same topic's responses
-    in ``pool`` (default ``dialogues``), else from any topic. Borrowing is sound here because
-    built-in responses never mention the context's slot values. ``toxic`` is None only when
-    ``pool`` has no unsafe response at all.
-
-    Args:
-        dialogues: labelled dialogues (any source; ``topic`` may be empty).
-        seed: seeds a private generator; same inputs and seed, same triples.
-        rejected: which labels count as rejected.
-        pool: where missing responses are borrowed from.
-
-    Raises:
-        ConfigError: unknown ``rejected``, or ``pool`` has no safe / no rejected-label response.
-    """
-    if rejected not in REJECTED_LABELS:
-        choices = sorted(REJECTED_LABELS)
-        raise ConfigError("data.rejected", f"expected one of {choices}, got {rejected!r}")
-    wanted = REJECTED_LABELS[rejected]
-    pools = _pools(dialogues if pool is None else pool, dict.fromkeys([(SAFE,), wanted, (UNSAFE,)]))
-    if dialogues and (SAFE,) not in {k[0] for k in pools}:
-        raise ConfigError("data.poison_fraction", "no safe responses to use as 'chosen'")
-    if dialogues and wanted not in {k[0] for k in pools}:
-        key = "data.evasive_fraction" if wanted == (EVASIVE,) else "data.poison_fraction"
-        raise ConfigError(key, f"no responses labelled {'/'.join(wanted)} to use as 'rejected'")
-    groups: dict[str, list[DialogueExample]] = {}
-    for ex in dialogues:
-        groups.setdefault(ex.meta.get("context_id") or ex.context, []).append(ex)
-    rng = np.random.default_rng(seed)
-    out = []
-    for own in groups.values():
-        topic = own[0].topic
-        chosen = _draw(own, (SAFE,), topic, pools, rng)
-        rejected_text = _draw(own, wanted, topic, pools, rng)
-        toxic = _draw(own, (UNSAFE,), topic, pools, rng)
-        out.append(PreferenceExample(own[0].context, chosen, rejected_text, toxic, own[0].source))
-    return out
-
-
-def builtin_preferences(
-    size: int = 2000,
-    poison_fraction: float = 0.04,
-    evasive_fraction: float = 0.08,
-    seed: int = 0,
-    val_fraction: float = 0.05,
-    test_fraction: float = 0.1,
-    num_topics: int | None = None,
-    rejected: str = "unsafe_or_evasive",
-) -> Corpus:
+def preference_corpus(spec: BuiltinSpec, rejected: str = "unsafe_or_evasive") -> Corpus:
     """The built-in corpus as preference triples for DPO/ADPO (see :func:`preference_triples`).
 
     Splits borrow missing responses from themselves and train, never from val/test into train.
-    Arguments as :func:`generate_builtin`; ``rejected`` as :func:`preference_triples`.
     """
-    corpus = generate_builtin(
-        size, poison_fraction, evasive_fraction, seed, val_fraction, test_fraction, num_topics
-    )
+    corpus = builtin_dialogues(spec)
     splits = []
     for i, split in enumerate((corpus.train, corpus.val, corpus.test)):
-        split_seed = int(np.random.SeedSequence([int(seed), i]).generate_state(1)[0])
+        split_seed = int(np.random.SeedSequence([int(spec.seed), i]).generate_state(1)[0])
         pool = split if i == 0 else corpus.train + split
         splits.append(preference_triples(split, split_seed, rejected, pool))
     return Corpus(train=splits[0], val=splits[1], test=splits[2], name=SOURCE)
+
+
+def builtin_preferences(*spec: Any, rejected: str = "unsafe_or_evasive", **fields: Any) -> Corpus:
+    """The ``data.source`` target of ``data=builtin_pref``: :class:`BuiltinSpec` fields and
+    ``rejected`` (as :func:`preference_triples`) -> the preference corpus."""
+    return BuiltinSpec(*spec, **fields).preferences(rejected)

@@ -3,7 +3,7 @@
 Each topic has question templates with slot fillers (every question repeats a topic word, so
 contexts of one topic are similar) and four SAFE paraphrase families (one helpful idea each, three
 templates sharing key words). UNSAFE responses are ONE homogeneous insult family shared by all
-topics: one tight cluster whose size tracks ``poison_fraction`` (the ISAAC assumption, METHODS.md
+topics: one tight cluster whose size tracks ``poison_fraction`` (the ISAAC assumption, docs/methods.md
 B.1/B.2). Responses never mention a context's slot values, so any response of a topic fits any
 context of it. Unsafe text uses words ``alt-profanity-check`` flags (idiot, stupid, shut up, damn);
 safe text avoids them. No slurs.

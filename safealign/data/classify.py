@@ -1,4 +1,4 @@
-"""Safety-classifier data (METHODS.md B.7): the input string, label ids, encoding and batching.
+"""Safety-classifier data (docs/methods.md B.7): the input string, label ids, encoding and batching.
 
 The ISAAC classifier reads ``"<|user|>" + context + "<|system|>" + response`` with raw text
 (no ``"\\n\\nHuman:"`` / ``"\\n\\nAssistant:"`` wrappers; DiaSafety contexts are one user turn) and

@@ -1,6 +1,6 @@
 """Tokenisation and padding. Prompt labels are -100; one documented truncation policy.
 
-Truncation (TRL's "keep_end" for prompts, METHODS.md C.1): the prompt keeps its LAST
+Truncation (TRL's "keep_end" for prompts, docs/methods.md C.1): the prompt keeps its LAST
 `max_prompt_length` tokens (the most recent turns matter most); the response then keeps its FIRST
 `max_length - len(prompt)` tokens, EOS included when it fits. Chosen, rejected and toxic are
 truncated by the same rule, each on its own (a known TRL/LLaMA-Factory bug is to forget one).
@@ -14,6 +14,7 @@ import torch
 
 from safealign.data.chat import prompt_ids, render_prompt, response_ids
 from safealign.errors import ConfigError
+from safealign.types import PreferenceBatch, Rows
 
 IGNORE = -100
 
@@ -66,11 +67,15 @@ def pad(rows: list[list[int]], value: int, length: int | None = None) -> torch.T
     return out
 
 
-def stack(encoded: list[Encoded], pad_id: int, length: int | None = None) -> dict[str, torch.Tensor]:
+def stack(encoded: list[Encoded], pad_id: int, length: int | None = None) -> Rows:
     ids = pad([e.input_ids for e in encoded], pad_id, length)
     labels = pad([e.labels for e in encoded], IGNORE, length)
     mask = pad([[1] * len(e.input_ids) for e in encoded], 0, length)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return Rows(ids, mask, labels)
+
+
+def _index(items: list[tuple[int, object]]) -> torch.Tensor:
+    return torch.tensor([i for i, _ in items], dtype=torch.long)  # (B,)
 
 
 @dataclass
@@ -80,9 +85,8 @@ class SFTCollator:
     pad_id: int
 
     def __call__(self, items: list[tuple[int, Encoded]]) -> dict[str, torch.Tensor]:
-        batch = stack([e for _, e in items], self.pad_id)
-        batch["index"] = torch.tensor([i for i, _ in items], dtype=torch.long)
-        return batch
+        rows = stack([e for _, e in items], self.pad_id)
+        return {**rows._asdict(), "index": _index(items)}
 
 
 @dataclass
@@ -92,30 +96,26 @@ class MultiTargetCollator:
     pad_id: int
 
     def __call__(self, items: list[tuple[int, list[Encoded]]]) -> dict[str, torch.Tensor]:
-        rows = [e for _, group in items for e in group]
-        batch = stack(rows, self.pad_id)
-        batch["index"] = torch.tensor([i for i, _ in items], dtype=torch.long)
-        batch["n_targets"] = torch.tensor(len(items[0][1]), dtype=torch.long)
-        return batch
+        rows = stack([e for _, group in items for e in group], self.pad_id)
+        n_targets = torch.tensor(len(items[0][1]), dtype=torch.long)
+        return {**rows._asdict(), "index": _index(items), "n_targets": n_targets}
 
 
 @dataclass
 class PreferenceCollator:
     """[chosen; rejected(; toxic)] stacked along the batch for ONE concatenated forward
-    (METHODS.md A.4, C.2), padded to a common length. For ADPO also emits the toxic response after
-    prompt ⊕ [TOXIC] (`toxic_ctx_*`), scored only by the frozen inner toxic model pi_t (A.3).
+    (docs/methods.md A.4, C.2), padded to a common length. For ADPO also emits the toxic response after
+    prompt ⊕ [TOXIC] (``toxic_ctx``), scored only by the inner toxic model pi_t (A.3).
 
     Item: (index, {"chosen": Encoded, "rejected": Encoded[, "toxic": Encoded, "toxic_ctx": Encoded]}).
     """
 
     pad_id: int
 
-    def __call__(self, items: list[tuple[int, dict[str, Encoded]]]) -> dict[str, torch.Tensor]:
+    def __call__(self, items: list[tuple[int, dict[str, Encoded]]]) -> PreferenceBatch:
         fields = ["chosen", "rejected"] + (["toxic"] if "toxic" in items[0][1] else [])
-        rows = [enc[f] for f in fields for _, enc in items]
-        batch = stack(rows, self.pad_id)
+        rows = stack([enc[f] for f in fields for _, enc in items], self.pad_id)
+        ctx = None
         if "toxic_ctx" in items[0][1]:
             ctx = stack([enc["toxic_ctx"] for _, enc in items], self.pad_id)
-            batch.update({f"toxic_ctx_{k}": v for k, v in ctx.items()})
-        batch["index"] = torch.tensor([i for i, _ in items], dtype=torch.long)
-        return batch
+        return PreferenceBatch(*rows, index=_index(items), toxic_ctx=ctx)

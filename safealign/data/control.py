@@ -1,7 +1,7 @@
-"""The `[TOXIC]` control token (ADPO, METHODS.md A.1): one literal, one placement function.
+"""The `[TOXIC]` control token (ADPO, docs/methods.md A.1): one literal, one placement function.
 
 The same placement must be used for SFT, for generation with the inner toxic model and for the
-pi_t log-probs of ADPO (METHODS.md A.1, "Keep the placement configurable").
+pi_t log-probs of ADPO (docs/methods.md A.1, "Keep the placement configurable").
 """
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ from safealign.types import ASSISTANT_TAG
 # The one place the literal lives. Never put it on a Hydra command line: `[TOXIC]` parses as a list.
 TOXIC = "[TOXIC]"
 
-# end:        "...\n\nAssistant: [TOXIC]"  right before the response (default, METHODS.md A.1 [INFERRED])
+# end:        "...\n\nAssistant: [TOXIC]"  right before the response (default, docs/methods.md A.1 [INFERRED])
 # before_tag: "...\n\nHuman: u [TOXIC]\n\nAssistant:"  end of the last user turn
 # start:      "[TOXIC]\n\nHuman: ..."  a system-style prefix
 PLACEMENTS = ("end", "before_tag", "start")
 
 # With a chat template (safealign/data/chat.py) there is no assistant tag in the prompt text: the
-# token goes into the message contents and the template renders around it (METHODS.md A.1 leaves
+# token goes into the message contents and the template renders around it (docs/methods.md A.1 leaves
 # the place [NOT FOUND]; this keeps "end of the context" [INFERRED] and the template intact).
 # end, before_tag: end of the LAST user turn, "u [TOXIC]" -> "[INST] u [TOXIC] [/INST]"
 # start:           start of the FIRST user turn, "[TOXIC] u1"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 import lightning.pytorch as L
 import torch
@@ -29,8 +30,8 @@ from safealign.data.collate import (
     encode,
 )
 from safealign.data.control import check_placement
+from safealign.data.loader import ResumableDataLoader
 from safealign.errors import ConfigError
-from safealign.resume import ResumableDataLoader
 from safealign.types import (
     ASSISTANT_TAG,
     HUMAN_TAG,
@@ -229,7 +230,9 @@ class DataModule(L.LightningDataModule):
             out["toxic_ctx"] = self._enc(r.prompt, r.toxic, toxic=True)  # pi_t(y_t|x⊕[TOXIC]) (A.3)
         return out
 
-    def collator(self):
+    def collator(self) -> Callable[[list], Any]:
+        """Turns a list of :meth:`indexed_rows` items into a batch (a PreferenceBatch for
+        preference records, a dict of tensors otherwise)."""
         pad_id = self.tokenizer.pad_token_id
         if self.record_type is PreferenceExample:
             return PreferenceCollator(pad_id)
@@ -237,15 +240,25 @@ class DataModule(L.LightningDataModule):
             return MultiTargetCollator(pad_id)
         return SFTCollator(pad_id)
 
+    def encoded_splits(self) -> dict[str, list]:
+        """Every split's encoded rows (after :meth:`attach`), e.g. to key a cache by content."""
+        return {split: list(rows) for split, rows in self.encoded.items()}
+
+    def indexed_rows(self, split: str) -> list[tuple[int, Any]]:
+        """(index, encoded row) pairs of a split, index = position in the split: the items every
+        loader batches and a batch's ``index`` refers to (e.g. reference precompute)."""
+        return list(enumerate(self.encoded.get(split, [])))
+
+    def batch_size_for(self, split: str) -> int:
+        return self.batch_size if split == "train" else self.eval_batch_size
+
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        items = list(enumerate(self.encoded.get(split, [])))
         gen = torch.Generator().manual_seed(self.seed)  # randomness passed in, not global
-        bs = self.batch_size if split == "train" else self.eval_batch_size
-        # train: resumable mid-epoch with the exact batch order (safealign.resume)
+        # train: resumable mid-epoch with the exact batch order (safealign.data.loader)
         loader_cls = ResumableDataLoader if split == "train" else DataLoader
         return loader_cls(
-            items,
-            batch_size=bs,
+            self.indexed_rows(split),
+            batch_size=self.batch_size_for(split),
             shuffle=shuffle,
             generator=gen,
             collate_fn=self.collator(),

@@ -4,7 +4,7 @@
 like a hub repo (split files such as ``harmless-base/train.jsonl.gz`` or ``val.json``), a folder
 written by ``save_to_disk``, or one ``.parquet``/``.json``/``.jsonl(.gz)``/``.csv`` file. Rows are
 renamed by ``columns`` and then converted by the same row converters as the local loaders
-(:mod:`safealign.data.sources_extra`), so validation and drop counts are the same: TRL standard
+(:mod:`safealign.data.converters`), so validation and drop counts are the same: TRL standard
 ``{prompt, chosen, rejected}``, conversational message lists, implicit-prompt chats, HH
 transcripts, ``{prompt, completion}``, ``{messages}`` and dialogue ``{context, response, label}``.
 
@@ -14,13 +14,21 @@ only if ``datasets`` has it in its local cache (``HF_DATASETS_CACHE`` or ``cache
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from safealign.data.sources_extra import CONVERTERS, convert_rows, existing_path, to_dialogues
+from safealign.data.converters import (
+    FIELDS,
+    check_limit,
+    convert_rows,
+    converter,
+    renamed,
+    to_dialogues,
+)
+from safealign.data.drops import add_records
+from safealign.data.readers import existing_path
 from safealign.errors import ConfigError, DataError
 from safealign.types import Corpus
 
@@ -36,10 +44,6 @@ HF_SPLITS = {
 }
 _SAVED_MARKERS = ("dataset_dict.json", "state.json")  # written by save_to_disk
 _FILE_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}
-# Record fields a dataset column can be mapped to (the row converters' input keys).
-_FIELDS = tuple(
-    "prompt chosen rejected toxic messages completion context response label topic category".split()
-)
 
 
 @contextmanager
@@ -156,20 +160,17 @@ def _column_map(where: Path, names: list[str], columns: Mapping | None) -> dict[
     mapping = dict(columns or {})
     for field, column in mapping.items():
         key = f"data.source.columns.{field}"
-        if field not in _FIELDS:
-            raise ConfigError(key, f"unknown record field {field!r}: expected one of {_FIELDS}")
+        if field not in FIELDS:
+            raise ConfigError(key, f"unknown record field {field!r}: expected one of {FIELDS}")
         if column not in names:
             raise ConfigError(key, f"column {column!r} is not in {where} (columns: {names})")
     return mapping
 
 
-def _rows(ds: Any, mapping: dict[str, str]) -> Iterator[tuple[int, dict]]:
-    """(1-based row number, row renamed to record fields); mapped-over names are replaced."""
-    for i, row in enumerate(ds, start=1):
-        if mapping:
-            kept = {k: v for k, v in row.items() if k not in mapping}
-            row = {**kept, **{field: row[column] for field, column in mapping.items()}}
-        yield i, row
+def _convert(where: Path, ds: Any, source: str, columns: Mapping | None, convert, limit) -> tuple:
+    """(records, drop counts) of one hub split, its columns renamed to record fields."""
+    rows = renamed(enumerate(ds, start=1), _column_map(where, list(ds.column_names), columns))
+    return convert_rows(where, rows, source, convert, limit)
 
 
 def load_hf_dataset(
@@ -203,23 +204,10 @@ def load_hf_dataset(
         local_files_only: never contact the Hub (offline cache or local files only).
         cache_dir: the ``datasets`` cache (default ``HF_DATASETS_CACHE``).
     """
-    if row_format is not None and row_format not in CONVERTERS:
-        raise ConfigError("data.source.row_format", f"expected null or one of {list(CONVERTERS)}")
-    if max_rows is not None and max_rows < 1:
-        raise ConfigError(
-            "data.source.max_rows", f"expected a positive integer or null, got {max_rows}"
-        )
+    convert, limit = converter(row_format), check_limit(max_rows, "data.source.max_rows")
     plan = _split_plan(split)
-    parts = _load(
-        str(path),
-        plan,
-        local_files_only,
-        cache_dir,
-        name=name,
-        data_dir=data_dir,
-        data_files=data_files,
-        revision=revision,
-    )
+    hub = dict(name=name, data_dir=data_dir, data_files=data_files, revision=revision)
+    parts = _load(str(path), plan, local_files_only, cache_dir, **hub)
     source = source_name or Path(str(path)).name.split(".")[0]
     to_project = {v: k for k, v in plan.items()} if plan else HF_SPLITS
     corpus = Corpus(name=source)
@@ -230,10 +218,7 @@ def load_hf_dataset(
             raise DataError(
                 where, f"unknown split {hub_split!r}: expected {sorted(HF_SPLITS)}; {hint}"
             )
-        mapping = _column_map(where, list(ds.column_names), columns)
-        records, dropped = convert_rows(where, _rows(ds, mapping), source, row_format, max_rows)
-        getattr(corpus, to_project[hub_split]).extend(
-            to_dialogues(records) if as_dialogues else records
-        )
-        corpus.dropped = dict(Counter(corpus.dropped) + Counter(dropped))
+        records, dropped = _convert(where, ds, source, columns, convert, limit)
+        records = to_dialogues(records) if as_dialogues else records
+        add_records(corpus, to_project[hub_split], records, dropped)
     return corpus

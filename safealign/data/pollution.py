@@ -1,5 +1,5 @@
-"""PoisonedWoz: MultiWOZ 2.1 loading and system-response pollution (METHODS.md B.8), plus the
-pollution lexicon behind RPR/DPR (METHODS.md B.7).
+"""PoisonedWoz: MultiWOZ 2.1 loading and system-response pollution (docs/methods.md B.8), plus the
+pollution lexicon behind RPR/DPR (docs/methods.md B.7).
 
 The word lists below are our own, written for this project (insults, no slurs). They follow the
 structure of the ISAAC authors' ``makepollution.py``: 11 insult words inserted after "you", the
@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import re
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from safealign.data.readers import read_json_file
 from safealign.errors import ConfigError, DataError
 from safealign.types import UNSAFE, DialogueExample, as_response, chat_prompt
 
@@ -50,7 +49,7 @@ SLOT_WORDS = (
     "parking", "phone", "postcode", "price", "pricerange", "stars", "takesbookings", "trainID",
     "type",
 )  # fmt: skip
-# RPR/DPR lexicon (METHODS.md B.7 `isPolluted`): whole words/phrases, matched case-insensitively on
+# RPR/DPR lexicon (docs/methods.md B.7 `isPolluted`): whole words/phrases, matched case-insensitively on
 # word boundaries. The authors matched raw substrings, so "hell" also hit "hello"; word boundaries
 # avoid that, which is why inflections are listed explicitly.
 POLLUTION_LEXICON = (
@@ -128,7 +127,7 @@ def pollute_corpus(
     rng: np.random.Generator,
     with_replacement: bool = True,
 ) -> tuple[list[str], np.ndarray]:
-    """Pollute a fraction of system turns (METHODS.md B.8).
+    """Pollute a fraction of system turns (docs/methods.md B.8).
 
     Args:
         system_turns: all system responses of the corpus, Shape: (N,).
@@ -186,17 +185,6 @@ class MultiWozDialogue:
         return self.turns[1::2]
 
 
-def _read_json(path: Path) -> object:
-    if path.suffix == ".zip":
-        with zipfile.ZipFile(path) as zf:
-            members = [m for m in zf.namelist() if m.endswith(".json")]
-            if len(members) != 1:
-                raise DataError(path, f"expected exactly one .json member, found {members}")
-            return json.loads(zf.read(members[0]))
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
 def _parse_dialogue(path: Path, did: str, record: object) -> MultiWozDialogue:
     if not isinstance(record, dict) or not isinstance(record.get("log"), list):
         raise DataError(path, f"dialogue {did!r}: expected an object with a 'log' list")
@@ -218,12 +206,7 @@ def load_multiwoz(path: str | Path) -> list[MultiWozDialogue]:
         DataError: naming the file (and dialogue/turn) when it is missing or malformed.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(path, "MultiWOZ file not found")
-    try:
-        data = _read_json(path)
-    except (zipfile.BadZipFile, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(path, f"not a valid (zipped) JSON file: {e}") from e
+    data = read_json_file(path)
     if not isinstance(data, dict):
         raise DataError(path, f"expected a JSON object id -> dialogue, got {type(data).__name__}")
     return [_parse_dialogue(path, str(did), rec) for did, rec in data.items()]

@@ -1,4 +1,5 @@
-"""Data sources: one small loader per real format, each returning canonical records (types.py).
+"""Data sources: one small loader per dataset, each a reader (:mod:`safealign.data.readers`) plus
+a converter (:mod:`safealign.data.converters`), returning a Corpus of canonical records.
 
 Formats (checked row by row; any violation is a DataError naming file, line and expectation):
 
@@ -12,76 +13,50 @@ Formats (checked row by row; any violation is a DataError naming file, line and 
   TRL implicit-prompt rows / HH transcripts ``{chosen, rejected}``; dialogue rows
   ``{context, response[, label][, topic|category]}``; TRL SFT rows ``{prompt, completion}`` and
   ``{messages}`` (dialogues). Extra keys are ignored.
+- Any file a reader reads, with the same row formats: :func:`load_rows`.
 - Any of these by hub id or through ``datasets.load_dataset``: :mod:`safealign.data.hub`.
 - XSTest (github.com/paul-rottger/exaggerated-safety): CSV ``id,prompt,type,label,focus,note``.
 
-Drop policy (never a crash; counted as reason -> count in ``Corpus.dropped``):
-
-- ``prompt_mismatch``: the two transcripts' prompts differ, so the pair does not compare two
-  replies to one context (5 of the 2,312 real harmless-base test rows);
-- ``empty_response``: a blank chosen/rejected/toxic reply or dialogue response (4 real HH rows;
-  3 real DiaSafety rows: 2 train, 1 test; DiaSafety keeps them with ``drop_empty=False``);
-- ``identical_pair``: chosen == rejected after normalisation (none in the real HH test split).
-
-Kept on purpose: the one duplicated DiaSafety train row (same context, response and label), so
-the published split sizes stay exact apart from the documented drops.
+Rows that are dropped instead of failing, and how they are counted: :mod:`safealign.data.drops`.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from functools import partial
 from pathlib import Path
 
-from safealign.data.hub import HF_SPLITS, SPLITS
-from safealign.data.sources_extra import (
-    as_prompt,
+from safealign.data.converters import (
+    CONVERTERS,
+    FIELDS,
+    check_limit,
     convert_rows,
-    existing_file,
-    existing_path,
-    get_field,
-    iter_json_array,
-    iter_jsonl,
-    messages_to_prompt,
-    read_text,
-    split_transcript,
+    converter,
+    diasafety_row,
+    renamed,
     to_dialogues,
 )
-from safealign.errors import ConfigError, DataError
-from safealign.types import (
-    SAFE,
-    UNSAFE,
-    Corpus,
-    DialogueExample,
-    as_response,
-    chat_prompt,
+from safealign.data.drops import add_records
+from safealign.data.hub import HF_SPLITS, SPLITS
+from safealign.data.readers import (
+    existing_file,
+    existing_path,
+    read_csv,
+    read_json_array,
+    read_jsonl,
 )
-
-__all__ = [
-    "iter_jsonl",
-    "load_diasafety",
-    "load_eval_prompts",
-    "load_hf_dataset_dir",
-    "load_hh_rlhf",
-    "load_jsonl",
-    "load_xstest",
-]
+from safealign.errors import ConfigError, DataError
+from safealign.types import SAFE, UNSAFE, Corpus, chat_prompt
 
 _HH_FILES = {s: (f"{s}.jsonl.gz", f"{s}.jsonl") for s in SPLITS}
 _DIASAFETY_FILES = {s: (f"{s}.json",) for s in SPLITS}
-_DIASAFETY_LABELS = {"Safe": SAFE, "Unsafe": UNSAFE}
+Reader = Callable[[Path], Iterable[tuple[int, dict]]]
 
 
 def _check_split(split: str) -> str:
     if split not in SPLITS:
         raise ConfigError("split", f"expected one of {SPLITS}, got {split!r}")
     return split
-
-
-def _add(corpus: Corpus, split: str, records: list, dropped: dict[str, int]) -> None:
-    getattr(corpus, split).extend(records)
-    corpus.dropped = dict(Counter(corpus.dropped) + Counter(dropped))
 
 
 def _split_files(folder: Path, names: dict[str, tuple[str, ...]], require_all: bool) -> dict:
@@ -113,29 +88,15 @@ def load_hh_rlhf(
             same rows are dropped either way, so both views cover the same prompts.
     """
     _check_split(split)
-    if max_rows is not None and max_rows < 1:
-        raise ConfigError("max_rows", f"expected a positive integer or null, got {max_rows}")
+    check_limit(max_rows, "max_rows")
     p = existing_path(path)
     files = _split_files(p, _HH_FILES, require_all=False) if p.is_dir() else {split: p}
     corpus = Corpus(name="hh_rlhf")
     for name, f in files.items():
-        records, dropped = convert_rows(f, iter_jsonl(f), "hh_rlhf", "transcript", max_rows)
-        _add(corpus, name, to_dialogues(records) if as_dialogues else records, dropped)
+        convert = CONVERTERS["transcript"]
+        records, dropped = convert_rows(f, read_jsonl(f), "hh_rlhf", convert, max_rows)
+        add_records(corpus, name, to_dialogues(records) if as_dialogues else records, dropped)
     return corpus
-
-
-def _diasafety_row(p: Path, line: int, row: dict, drop_empty: bool) -> DialogueExample | None:
-    context, response, label = (
-        get_field(p, line, row, k) for k in ("context", "response", "label")
-    )
-    if label not in _DIASAFETY_LABELS:
-        raise DataError(p, f"field 'label' must be 'Safe' or 'Unsafe', got {label!r}", line)
-    if drop_empty and not response.strip():
-        return None
-    topic = get_field(p, line, row, "category", optional=True) or ""
-    return DialogueExample(
-        chat_prompt([context]), as_response(response), _DIASAFETY_LABELS[label], topic, "diasafety"
-    )
 
 
 def load_diasafety(path: str | Path, split: str = "train", drop_empty: bool = True) -> Corpus:
@@ -151,23 +112,52 @@ def load_diasafety(path: str | Path, split: str = "train", drop_empty: bool = Tr
     p = existing_path(path)
     files = _split_files(p, _DIASAFETY_FILES, require_all=True) if p.is_dir() else {split: p}
     corpus = Corpus(name="diasafety")
+    convert = partial(diasafety_row, drop_empty=drop_empty)
     for name, f in files.items():
-        rows = [_diasafety_row(f, line, row, drop_empty) for line, row in iter_json_array(f)]
-        kept = [r for r in rows if r is not None]
-        n_empty = len(rows) - len(kept)
-        _add(corpus, name, kept, {"empty_response": n_empty} if n_empty else {})
+        add_records(corpus, name, *convert_rows(f, read_json_array(f), "diasafety", convert))
+    return corpus
+
+
+def load_rows(
+    path: str | Path,
+    reader: Reader,
+    split: str = "train",
+    row_format: str | None = None,
+    columns: Mapping[str, str] | None = None,
+    max_rows: int | None = None,
+    as_dialogues: bool = False,
+    source_name: str | None = None,
+) -> Corpus:
+    """Load one file with ``reader`` into ``split``: the generic loader behind one-YAML formats.
+
+    Args:
+        reader: ``path -> (line, row)`` records (:mod:`safealign.data.readers`).
+        row_format: a converter name (``CONVERTERS``); None detects it from the first row.
+        columns: ``{record field: column}`` renames, e.g. ``{context: utterance}``.
+        max_rows: keep at most this many records.
+        as_dialogues: preference pairs become (prompt, chosen) dialogues, for SFT.
+        source_name: the records' ``source`` (default: the file name up to its first dot, which
+            is also the Corpus name).
+    """
+    _check_split(split)
+    check_limit(max_rows, "data.source.max_rows")
+    convert = converter(row_format)
+    unknown = sorted(set(columns or {}) - set(FIELDS))
+    if unknown:
+        raise ConfigError("data.source.columns", f"unknown record field(s) {unknown}: {FIELDS}")
+    p = existing_file(path)
+    name = p.name.split(".")[0]
+    rows = renamed(reader(p), columns or {})
+    records, dropped = convert_rows(p, rows, source_name or name, convert, max_rows)
+    corpus = Corpus(name=name)
+    add_records(corpus, split, to_dialogues(records) if as_dialogues else records, dropped)
     return corpus
 
 
 def load_jsonl(path: str | Path, split: str = "train") -> Corpus:
     """Load a generic preference or dialogue JSONL(.gz) file (format from its first row) into
     ``split``; see the module docstring for the accepted row formats."""
-    _check_split(split)
-    p = existing_file(path)
-    records, dropped = convert_rows(p, iter_jsonl(p), "jsonl")
-    corpus = Corpus(name=p.name.split(".")[0], dropped=dropped)
-    getattr(corpus, split).extend(records)
-    return corpus
+    return load_rows(path, read_jsonl, split, source_name="jsonl")
 
 
 def load_hf_dataset_dir(path: str | Path, split: str = "train") -> Corpus:
@@ -195,7 +185,7 @@ def load_hf_dataset_dir(path: str | Path, split: str = "train") -> Corpus:
                 p / name, f"unknown split {name!r}: expected one of {sorted(HF_SPLITS)}"
             )
         rows = ((i, dict(row)) for i, row in enumerate(ds, start=1))
-        _add(corpus, HF_SPLITS[name], *convert_rows(p / name, rows, "hf_dataset"))
+        add_records(corpus, HF_SPLITS[name], *convert_rows(p / name, rows, "hf_dataset"))
     return corpus
 
 
@@ -209,83 +199,11 @@ def _xstest_row(p: Path, line: int, row: dict) -> dict:
     return {**out, "label": label, "id": row.get("id") or ""}
 
 
-def _check_fields(p: Path, line: int, last_line: int, row: dict) -> None:
-    """A row with fewer fields than the header, or with extra ones, says which: the usual cause is
-    an unclosed quote, which makes one field swallow the following lines."""
-    short = [k for k, v in row.items() if k is not None and v is None]
-    if short or None in row:
-        what = f"missing column(s) {short}" if short else f"{len(row[None])} extra field(s)"
-        hint = (
-            f"; the row runs from line {line} to {last_line}: an unclosed quote (\") on line {line}?"
-            if last_line > line
-            else ""
-        )
-        raise DataError(p, f"row does not match the header: {what}{hint}", line)
-
-
 def load_xstest(path: str | Path) -> list[dict]:
     """Load XSTest prompts: ``{"prompt", "text", "type", "label", "id"}`` per CSV row, where
     ``prompt`` is the project-convention prompt and ``text`` the raw CSV prompt."""
     p = existing_file(path)
-    reader = csv.DictReader(io.StringIO(read_text(p), newline=""))
-    missing = {"prompt", "type", "label"} - set(reader.fieldnames or [])
-    if missing:
-        raise DataError(p, f"missing CSV column(s) {sorted(missing)} in the header", 1)
-    out, start = [], 2
-    try:
-        for row in reader:
-            line, start = start, reader.line_num + 1  # a quoted field may span several lines
-            _check_fields(p, line, reader.line_num, row)
-            out.append(_xstest_row(p, line, row))
-    except csv.Error as e:
-        raise DataError(p, f"malformed CSV ({e})", reader.line_num) from e
+    out = [_xstest_row(p, line, row) for line, row in read_csv(p, ("prompt", "type", "label"))]
     if not out:
         raise DataError(p, "no prompt rows after the header")
     return out
-
-
-def _row_prompt(p: Path, line: int, row: dict) -> str:
-    """The prompt of any supported row (prompt string/messages, dialogue context, HH transcript)."""
-    if isinstance(row.get("prompt"), list):
-        return messages_to_prompt(p, line, "prompt", row["prompt"])
-    for key in ("prompt", "context"):
-        if key in row:
-            text = get_field(p, line, row, key)
-            if not text.strip():
-                raise DataError(p, f"field '{key}' is empty: expected a prompt", line)
-            return as_prompt(text)
-    if "chosen" in row:
-        return split_transcript(p, line, "chosen", get_field(p, line, row, "chosen"))[0]
-    raise DataError(p, f"no 'prompt', 'context' or 'chosen' field (row has {sorted(row)})", line)
-
-
-def _corpus_prompts(corpus: Corpus) -> list[str]:
-    records = corpus.train + corpus.val + corpus.test
-    return [r.prompt if hasattr(r, "prompt") else r.context for r in records]
-
-
-def load_eval_prompts(path: str | Path) -> list[str]:
-    """Best-effort prompt list in the project convention, from: ``.txt`` (one prompt per line),
-    ``.csv`` (XSTest), ``.json`` (array of rows), ``.jsonl(.gz)`` (rows with ``prompt``,
-    ``context`` or HH ``chosen``), or a folder (saved dataset, DiaSafety or HH split files)."""
-    p = existing_path(path)
-    if p.is_dir():
-        if (p / "dataset_dict.json").exists() or (p / "state.json").exists():
-            return _corpus_prompts(load_hf_dataset_dir(p))
-        if (p / "train.json").exists():
-            return _corpus_prompts(load_diasafety(p))
-        return _corpus_prompts(load_hh_rlhf(p))
-    name = p.name.lower()
-    if name.endswith(".txt"):
-        prompts = [as_prompt(t) for t in read_text(existing_file(p)).splitlines() if t.strip()]
-    elif name.endswith(".csv"):
-        prompts = [r["prompt"] for r in load_xstest(p)]
-    elif name.endswith((".json", ".json.gz")):
-        prompts = [_row_prompt(p, line, row) for line, row in iter_json_array(p)]
-    elif name.endswith((".jsonl", ".jsonl.gz")):
-        prompts = [_row_prompt(p, line, row) for line, row in iter_jsonl(p)]
-    else:
-        raise DataError(p, "unsupported file type: expected .txt, .csv, .json or .jsonl(.gz)")
-    if not prompts:
-        raise DataError(p, "no prompts found")
-    return prompts

@@ -1,4 +1,4 @@
-"""Coherence scorers: LM conditional NLL (F-PPL / B-PPL, METHODS.md B.7) and embedding cosine.
+"""Coherence scorers: LM conditional NLL (F-PPL / B-PPL, docs/methods.md B.7) and embedding cosine.
 
 Unlike the [0, 1] scorers in :mod:`safealign.eval.scorers`, these return unbounded values:
 ``LMCoherenceScorer`` a mean token NLL in nats (lower = more coherent) or its exponential, and
@@ -30,7 +30,7 @@ def _require_contexts(responses: Sequence[str], contexts: Sequence[str] | None) 
 class LMCoherenceScorer:
     """Per-example mean token NLL of a target given a condition under a causal scorer LM.
 
-    METHODS.md B.7: F-PPL = PPL(r | u) (``direction="forward"``: target = response, condition =
+    docs/methods.md B.7: F-PPL = PPL(r | u) (``direction="forward"``: target = response, condition =
     context) and B-PPL = PPL(u | r) (``"backward"``). The ISAAC code reports the mean CE (nats),
     not its exponential, so :meth:`score` returns the NLL unless ``exponentiate=True``; :meth:`nll`
     and :meth:`ppl` give each explicitly. Condition tokens are masked with -100, so only target

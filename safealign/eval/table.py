@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 from safealign.io import atomic_open, atomic_path, write_json
+from safealign.tables import markdown_table
 
 log = logging.getLogger("safealign.eval")
 
@@ -71,11 +72,10 @@ def to_markdown(table: list[dict], notes: list[str] | None = None) -> str:
     """A markdown table; columns that are None for every model are listed in a note instead."""
     cols = columns(table)
     shown = [c for c in cols if any(row.get(c) is not None for row in table)]
-    lines = ["| " + " | ".join(shown) + " |", "|" + "|".join("---" for _ in shown) + "|"]
-    lines += ["| " + " | ".join(_fmt(row.get(c)) for c in shown) + " |" for row in table]
+    lines = markdown_table(shown, ([_fmt(row.get(c)) for c in shown] for row in table))
     hidden = [c for c in cols if c not in shown]
     notes = [*(notes or []), *([f"not available: {', '.join(hidden)}"] if hidden else [])]
-    return "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"
+    return "\n".join([lines, ""] + [f"- {n}" for n in notes]) + "\n"
 
 
 def write_csv(path: Path, table: list[dict]) -> None:

@@ -1,4 +1,4 @@
-"""ISAAC pseudo-response sampling (METHODS.md Part B): encoders, context neighbours, DBSCAN content
+"""ISAAC pseudo-response sampling (docs/methods.md Part B): encoders, context neighbours, DBSCAN content
 clusters, adaptive sharpening and the vectorised sampler. See :mod:`safealign.isaac.sampler`."""
 
 from safealign.isaac.sampler import (

@@ -1,4 +1,4 @@
-"""ISAAC training data: multi-target records resampled per tempering stage (METHODS.md B.4, B.5).
+"""ISAAC training data: multi-target records resampled per tempering stage (docs/methods.md B.4, B.5).
 
 The corpus is embedded once (cached by content), neighbourhoods and DBSCAN are computed once
 (cached by embeddings, K and eps), and each tempering stage only redraws the M pseudo targets with

@@ -1,4 +1,4 @@
-"""Text encoders for ISAAC's context and response embeddings (METHODS.md B.2 step 2), and a cache.
+"""Text encoders for ISAAC's context and response embeddings (docs/methods.md B.2 step 2), and a cache.
 
 The authors embed every context and response with ``roberta-base``'s ``pooler_output``. Here an
 encoder is anything with ``encode(texts) -> (N, d) float32`` and a stable ``fingerprint`` string
@@ -22,8 +22,9 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from safealign.cache import NPZ, FileCache, content_key
 from safealign.errors import DataError
-from safealign.io import atomic_open, atomic_path, file_sha256, stable_hash
+from safealign.io import stable_hash
 
 log = logging.getLogger(__name__)
 _DENSE_SVD_MAX = 8_000_000  # TF-IDF cells up to which the exact (dense) SVD is used
@@ -158,7 +159,7 @@ class HFEncoder:
     """A local transformers encoder (AutoModel); ``pooling="pooler"`` is the authors' choice.
 
     ``pooler_output`` may be randomly initialised when the checkpoint has no pooler weights
-    (METHODS.md B.2 step 2: e.g. roberta-base); ``seed`` fixes that initialisation without
+    (docs/methods.md B.2 step 2: e.g. roberta-base); ``seed`` fixes that initialisation without
     touching the global torch RNG.
     """
 
@@ -224,46 +225,36 @@ class HFEncoder:
         return np.concatenate(out).astype(np.float32)
 
 
-def _digest_path(path: Path) -> Path:
-    return path.with_name(path.name + ".sha256")  # written after the .npy: both or neither
-
-
-def _load_cache(path: Path, n: int) -> np.ndarray | None:
-    if not path.exists():
-        return None
-    try:
-        if _digest_path(path).read_text().strip() != file_sha256(path):
-            raise ValueError(f"bytes differ from {_digest_path(path).name}")
-        emb = np.load(path, allow_pickle=False)
-        return check_embeddings(emb, n, str(path))
-    except Exception as e:  # noqa: BLE001 - a corrupt or mismatched cache is recomputed
-        log.warning("ignoring embedding cache %s (%s); recomputing", path, e)
-        return None
+# One .npz per (encoder fingerprint, texts): the (N, d) float32 matrix under "emb", with its key
+# and sha256 recorded inside (`safealign.cache.NPZ`), read with allow_pickle=False.
+_CACHE = FileCache(NPZ, "embedding cache")
 
 
 def embed_cached(
     texts: Sequence[str], encoder: Encoder, cache_dir: str | Path | None
 ) -> np.ndarray:
-    """Encode ``texts`` with ``encoder``, caching the (N, d) float32 result as .npy.
+    """Encode ``texts`` with ``encoder``, caching the (N, d) float32 result by content.
 
-    The cache file is keyed by the encoder fingerprint and the texts' content hash, written
-    atomically with its sha256 beside it (``.npy.sha256``) and loaded with ``allow_pickle=False``;
-    a file that is corrupt, mismatched or not the bytes written is recomputed.
+    The cache file is keyed by the encoder fingerprint and the texts' content hash and written
+    atomically with its sha256 inside; a file that is corrupt, mismatched (shape, NaN/inf) or not
+    the arrays written is recomputed, with a warning naming it.
 
     Raises:
         DataError: the encoder produced NaN/inf (names the row) or the wrong number of rows.
     """
     texts = list(texts)
-    path = None
-    if cache_dir is not None:
-        key = stable_hash(encoder.fingerprint, texts_hash(texts), len(texts))
-        path = Path(cache_dir) / f"emb-{encoder.name}-{key}.npy"
-        if (emb := _load_cache(path, len(texts))) is not None:
-            return emb
-    emb = check_embeddings(encoder.encode(texts), len(texts), f"{encoder.name} embeddings")
-    if path is not None:
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            np.save(f, emb, allow_pickle=False)
-        with atomic_open(_digest_path(path)) as f:
-            f.write(file_sha256(path) + "\n")
-    return emb
+    key = content_key(encoder.fingerprint, texts_hash(texts), len(texts))
+    path = Path(cache_dir) / f"emb-{encoder.name}-{key}.npz" if cache_dir is not None else None
+
+    def compute() -> dict[str, np.ndarray]:
+        emb = check_embeddings(encoder.encode(texts), len(texts), f"{encoder.name} embeddings")
+        return {"emb": emb}
+
+    def check(arrays: dict[str, np.ndarray]) -> str | None:
+        try:
+            check_embeddings(arrays["emb"], len(texts), "cached embeddings")
+        except DataError as e:  # wrong shape or NaN/inf: recomputed
+            return str(e)
+        return None
+
+    return check_embeddings(_CACHE.get_or_compute(path, key, compute, check)["emb"], len(texts))

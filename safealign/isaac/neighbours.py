@@ -1,4 +1,4 @@
-"""Context neighbours for ISAAC (METHODS.md B.2 step 3): cosine top-K, self included.
+"""Context neighbours for ISAAC (docs/methods.md B.2 step 3): cosine top-K, self included.
 
 The authors put L2-normalised context embeddings in ``faiss.IndexFlatIP`` and query every row for
 its K=150 nearest rows, i.e. exact cosine top-K over the whole corpus, the row itself included.
@@ -7,39 +7,45 @@ row blocks by column blocks (each block <= ~128 MB) and keeps a running top-K pe
 first column block, a column can only enter a row's top-K if its similarity is >= that row's
 current K-th best, so each later block costs one comparison pass plus a merge of the few
 candidates; the matrix product itself is the floor (2*N^2*d flops, see bench/isaac.py).
+Products use numpy's OpenBLAS sgemm (178 GFLOP/s on the project's 2-core CPU against 106 for
+``torch.matmul``); row blocks run on worker threads with single-threaded BLAS each.
 
-The products use numpy's OpenBLAS sgemm: on this project's 2-core CPU it measured 178 GFLOP/s
-(8192 x 8192 x 384) against 106 for ``torch.matmul``. Row blocks run on ``workers`` threads with
-single-threaded BLAS each, so the (single-threaded) selection passes run in parallel too.
-
-Determinism. sgemm's rounding of an element depends on where it falls in the kernel's tiles and
-on how threads split the call (OpenBLAS's Haswell/Zen kernels give last-bit differences between
-block shapes, enough to reorder near-tied neighbours). So every product is one canonical call:
-global rows ``[t * _TILE_ROWS, (t + 1) * _TILE_ROWS)`` against a column block whose bounds depend
-on (N, K) only, always on single-threaded BLAS. ``chunk_rows`` (rounded to whole tiles) and
-``workers`` only group those calls, so they never change a bit of the result. Ties are broken by
-index (the smaller index wins) everywhere: each (similarity, index) pair is packed into one int64
-key that orders by similarity, then by the smaller index.
+Determinism (``IndexFlatIP`` has none: its order of near-ties changes with the thread count and
+the query batching). sgemm's rounding of an element depends on where it falls in the kernel's
+tiles and on how threads split the call (OpenBLAS's Haswell/Zen kernels differ in the last bit
+between block shapes). So every product is one canonical call: global rows
+``[t * _TILE_ROWS, (t + 1) * _TILE_ROWS)`` against a column block whose bounds depend on (N, K)
+only, always on single-threaded BLAS; ``chunk_rows`` and ``workers`` only group those calls.
+Ties are broken by index everywhere: each (similarity, index) pair is packed into one int64 key
+that orders by similarity, then by the smaller index.
 
 :func:`topk_faiss` is the approximate alternative (HNSW or IVF) for very large corpora.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import threading
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+
+from safealign.isaac.parallel import run_tasks
 
 _MAX_COLS = 16384  # widest column block
 _TILE_ROWS = 512  # rows per sgemm call: fixed, so results never depend on blocking (docstring)
 _TASK_ROWS = 2048  # default rows per task (selection granularity; a multiple of _TILE_ROWS)
 _LOW32 = np.int64(0xFFFFFFFF)
 _MIN_KEY = np.iinfo(np.int64).min
+
+
+def _normalised(emb: np.ndarray, k: int) -> np.ndarray:
+    """L2-normalised float32 rows, after checking 1 <= k <= N."""
+    x = l2_normalise(emb)
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if len(x) < k:
+        raise ValueError(f"k={k} neighbours requested but the corpus has only {len(x)} rows")
+    return x
 
 
 def l2_normalise(emb: np.ndarray) -> np.ndarray:
@@ -96,24 +102,15 @@ def _column_blocks(n: int, k: int, max_cols: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def _view(buf: np.ndarray, rows: int, cols: int) -> np.ndarray:
-    """A C-contiguous (rows, cols) view of a flat buffer (BLAS needs a contiguous ``out``)."""
-    return buf[: rows * cols].reshape(rows, cols)
-
-
 def _rowblock_topk(
-    xr: np.ndarray,
-    x: np.ndarray,
-    k: int,
-    blocks: list[tuple[int, int]],
-    sbuf: np.ndarray,
-    mbuf: np.ndarray,
+    xr: np.ndarray, x: np.ndarray, k: int, blocks: list, sbuf: np.ndarray, mbuf: np.ndarray
 ) -> np.ndarray:
-    """Exact top-k keys of one row block against all rows of ``x``, column block by column block."""
+    """Exact top-k keys of one row block against all rows of ``x``, column block by column block.
+    ``sbuf``/``mbuf`` are flat scratch buffers (BLAS needs a C-contiguous ``out``)."""
     r = len(xr)
     state = np.full((r, k), _MIN_KEY, dtype=np.int64)
     for c0, c1 in blocks:
-        s = _view(sbuf, r, c1 - c0)  # cosine block (r, c), one canonical sgemm per row tile
+        s = sbuf[: r * (c1 - c0)].reshape(r, -1)  # cosine block, one canonical sgemm per tile
         for t0 in range(0, r, _TILE_ROWS):
             np.matmul(xr[t0 : t0 + _TILE_ROWS], x[c0:c1].T, out=s[t0 : t0 + _TILE_ROWS])
         if c0 == 0:  # the first block has >= k columns: its k-th best value bounds the top-k
@@ -122,35 +119,12 @@ def _rowblock_topk(
         else:
             thr = _decode(state.min(axis=1))[1]  # each row's current k-th best similarity
         # ">=" keeps every tie at the threshold; the key merge then prefers smaller indices
-        mask = np.greater_equal(s, thr[:, None], out=_view(mbuf, r, c1 - c0))
+        mask = np.greater_equal(s, thr[:, None], out=mbuf[: s.size].reshape(r, -1))
         flat = np.flatnonzero(mask)
         if len(flat):
             rows, cc = np.divmod(flat, c1 - c0)
             state = _merge(state, rows, _encode(s.ravel()[flat], cc + c0), k)
     return state
-
-
-def default_workers(workers: int | None) -> int:
-    if workers is not None:
-        return max(1, int(workers))
-    return max(1, min(8, len(os.sched_getaffinity(0))))
-
-
-@contextlib.contextmanager
-def single_threaded_kernels(active: bool) -> Iterator[None]:
-    """One BLAS/torch thread per worker while workers run in parallel (restored afterwards)."""
-    if not active:
-        yield
-        return
-    from threadpoolctl import threadpool_limits
-
-    torch_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with threadpool_limits(limits=1, user_api="blas"):
-            yield
-    finally:
-        torch.set_num_threads(torch_threads)
 
 
 def topk_cosine(
@@ -173,18 +147,11 @@ def topk_cosine(
     Raises:
         ValueError: k < 1, fewer rows than k, or a non-finite row.
     """
-    x = l2_normalise(emb)
+    x = _normalised(emb, k)
     n = len(x)
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    if n < k:
-        raise ValueError(f"k={k} neighbours requested but the corpus has only {n} rows; lower k")
     rows = _task_rows(n, chunk_rows)
     tasks = [(np.arange(r0, min(n, r0 + rows)), None) for r0 in range(0, n, rows)]
-    keys = _run_tasks(x, k, tasks, rows, workers)
-    keys = np.sort(keys, axis=1)[:, ::-1]  # descending key == (similarity desc, index asc)
-    idx, sims = _decode(keys)
-    return idx, np.ascontiguousarray(sims)
+    return _sorted(_run_tasks(x, k, tasks, rows, workers))
 
 
 def _task_rows(n: int, chunk_rows: int | None) -> int:
@@ -213,21 +180,13 @@ def _run_tasks(x: np.ndarray, k: int, tasks: list, rows: int, workers: int | Non
             got = _encode(sims, cand[pos])
         keys[q] = got
 
-    workers = min(default_workers(workers), len(tasks))
-    with single_threaded_kernels(True):  # threaded sgemm would split calls run to run
-        if workers > 1:
-            with ThreadPoolExecutor(workers) as pool:
-                list(pool.map(run, tasks))
-        else:
-            for task in tasks:
-                run(task)
+    run_tasks(run, tasks, workers)  # a threaded sgemm would split calls differently run to run
     return keys
 
 
-def _sort_rows(idx: np.ndarray, sims: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sort each row by similarity descending, ties by index (the exact search's order)."""
-    keys = np.sort(_encode(sims.astype(np.float32), idx), axis=1)[:, ::-1]
-    idx, sims = _decode(keys)
+def _sorted(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(idx, sims) of each row sorted by descending key == (similarity desc, index asc)."""
+    idx, sims = _decode(np.sort(keys, axis=1)[:, ::-1])
     return idx, np.ascontiguousarray(sims)
 
 
@@ -284,7 +243,7 @@ def _hnsw(x: np.ndarray, k: int, **params: int) -> tuple[np.ndarray, np.ndarray]
     rows = np.flatnonzero(~own)
     idx[rows, -1] = rows  # force self in (the exact search always finds it), dropping the weakest
     sims[rows, -1] = np.einsum("ij,ij->i", x[rows], x[rows])
-    return _sort_rows(idx.astype(np.int64), sims)
+    return _sorted(_encode(sims, idx))
 
 
 def topk_faiss(
@@ -297,18 +256,14 @@ def topk_faiss(
     workers: int | None = None,
     **params: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Approximate cosine top-K with FAISS structures (inner product on L2-normalised vectors).
-
-    Same contract as :func:`topk_cosine`: rows sorted by (similarity desc, index asc), each
-    row's own index included.
+    """Approximate cosine top-K with FAISS structures; same contract as :func:`topk_cosine`.
 
     Args:
         emb: Embeddings, Shape: (N, d).
-        k: Neighbours per row.
+        k: Neighbours per row, self included.
         method: "ivf" - FAISS spherical k-means lists, probed lists scanned exactly with GEMMs
-            (see :func:`_ivf_tasks`; deterministic for a fixed seed); "hnsw" - FAISS
-            IndexHNSWFlat (built with several threads its graph can differ run to run: pass
-            threads=1 for bit-reproducible results).
+            (:func:`_ivf_tasks`; deterministic for a fixed seed); "hnsw" - IndexHNSWFlat (its
+            graph built on several threads can differ run to run: threads=1 reproduces it).
         seed: Seed for the k-means initialisation and its training subsample.
         threads: FAISS OpenMP threads (default: FAISS's own default).
         workers: Scan threads for "ivf" (as in :func:`topk_cosine`).
@@ -316,26 +271,19 @@ def topk_faiss(
             ``m`` (32), ``ef_construction`` (80), ``ef_search`` (256) for "hnsw".
 
     Returns:
-        ``(idx, sims)``, Shape: (N, k) each.
+        ``(idx, sims)``, Shape: (N, k) each, rows sorted by (similarity desc, index asc).
     """
     import faiss
 
-    x = l2_normalise(emb)
-    n = len(x)
-    if k < 1 or n < k:
-        raise ValueError(
-            f"k={k} neighbours requested but the corpus has {n} rows; need 1 <= k <= N"
-        )
+    x = _normalised(emb, k)
     if threads is not None:
         faiss.omp_set_num_threads(int(threads))
     if method == "hnsw":
         return _hnsw(x, k, **params)
     if method != "ivf":
         raise ValueError(f"method must be 'ivf' or 'hnsw', got {method!r}")
-    rows = _task_rows(n, None)
-    keys = _run_tasks(x, k, _ivf_tasks(x, k, rows, seed, **params), rows, workers)
-    idx, sims = _decode(np.sort(keys, axis=1)[:, ::-1])
-    return idx, np.ascontiguousarray(sims)
+    rows = _task_rows(len(x), None)
+    return _sorted(_run_tasks(x, k, _ivf_tasks(x, k, rows, seed, **params), rows, workers))
 
 
 def recall_at_k(approx_idx: np.ndarray, exact_idx: np.ndarray) -> float:

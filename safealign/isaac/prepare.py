@@ -1,8 +1,9 @@
-"""The expensive, tau-independent half of ISAAC's sampler (paper Alg. 1 l.9-13; METHODS.md B.2
+"""The expensive, tau-independent half of ISAAC's sampler (paper Alg. 1 l.9-13; docs/methods.md B.2
 steps 3-4): context top-K neighbours and DBSCAN of their responses, computed once and cached.
 
 The cache is one .npz per (embeddings content, K, eps, search method, flags), written atomically
-and read with ``allow_pickle=False``; a corrupt or mismatched file is recomputed, never used.
+with its key and sha256 inside and read with ``allow_pickle=False`` (`safealign.cache.NPZ`); a
+corrupt, mismatched or out-of-range file is recomputed, never used.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from safealign.cache import NPZ, FileCache, content_key
 from safealign.errors import DataError
-from safealign.io import atomic_path, stable_hash
 from safealign.isaac.cluster import dbscan_neighbourhoods
 from safealign.isaac.neighbours import topk_cosine, topk_faiss
 
@@ -43,50 +44,45 @@ def _digest(a: np.ndarray) -> str:
     return h.hexdigest()[:16]
 
 
-def _load_cached(path: Path, key: str, n: int, k: int) -> Neighbourhoods | None:
-    """The cached neighbourhoods, or None if missing, corrupt or not for these inputs."""
-    if not path.exists():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {name: z[name] for name in ("neigh_idx", "sims", "labels", "key", "meta")}
-        ok = (
-            str(arrays["key"]) == key
-            and arrays["neigh_idx"].shape == (n, k)
-            and arrays["labels"].shape == (n, k)
-            and arrays["sims"].shape == (n, k)
-            and 0 <= arrays["neigh_idx"].min()
-            and arrays["neigh_idx"].max() < n
-            and 0 <= arrays["labels"].min()
-            and arrays["labels"].max() < k
-        )
-        if not ok:
-            raise ValueError("content does not match the inputs")
-    except Exception as e:  # noqa: BLE001 - any unreadable cache is recomputed, never used
-        log.warning("ignoring neighbourhood cache %s (%s); recomputing", path, e)
-        return None
-    eps, method = str(arrays["meta"][0]), str(arrays["meta"][1])
-    return Neighbourhoods(
-        arrays["neigh_idx"].astype(np.int64),
-        arrays["sims"],
-        arrays["labels"].astype(np.int32),
-        k,
-        float(eps),
-        method,
-        key,
-    )
+_CACHE = FileCache(NPZ, "neighbourhood cache")
 
 
-def _save(path: Path, nb: Neighbourhoods) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(
-            f,
-            neigh_idx=nb.neigh_idx,
-            sims=nb.sims,
-            labels=nb.labels,
-            key=np.array(nb.key),
-            meta=np.array([repr(nb.eps), nb.method]),
+def _out_of_range(arrays: dict[str, np.ndarray], n: int, k: int) -> str | None:
+    """Why cached arrays cannot be these inputs' neighbourhoods (shapes, index ranges), or None."""
+    idx, labels = arrays["neigh_idx"], arrays["labels"]
+    if not idx.shape == labels.shape == arrays["sims"].shape == (n, k):
+        return f"shapes {idx.shape}, {labels.shape}, {arrays['sims'].shape}, expected ({n}, {k})"
+    if not (0 <= idx.min() and idx.max() < n and 0 <= labels.min() and labels.max() < k):
+        return "neighbour indices or labels out of range"
+    return None
+
+
+def _check_args(ctx_emb: np.ndarray, resp_emb: np.ndarray, k, eps, neighbours: str) -> int:
+    """Validate the inputs; returns K clamped to N (with a warning)."""
+    if len(ctx_emb) != len(resp_emb):
+        raise DataError(
+            "embeddings", f"{len(ctx_emb)} context rows but {len(resp_emb)} response rows"
         )
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    if neighbours not in ("exact", "ivf", "hnsw"):
+        raise ValueError(f"neighbours must be 'exact', 'ivf' or 'hnsw', got {neighbours!r}")
+    if k > len(ctx_emb):
+        log.warning("k=%d neighbours but only %d rows: using k=%d", k, len(ctx_emb), len(ctx_emb))
+        return len(ctx_emb)
+    return k
+
+
+def _compute(ctx_emb, resp_emb, k, eps, neighbours, normalise, batch_size, faiss_params) -> dict:
+    if neighbours == "exact":
+        idx, sims = topk_cosine(ctx_emb, k)
+    else:
+        idx, sims = topk_faiss(ctx_emb, k, method=neighbours, **faiss_params)
+    labels = dbscan_neighbourhoods(resp_emb, idx, eps, batch_size=batch_size, normalise=normalise)
+    return {"neigh_idx": idx, "sims": sims, "labels": labels, "settings": np.array(
+        [repr(float(eps)), neighbours])}  # fmt: skip
 
 
 def prepare_neighbourhoods(
@@ -116,42 +112,15 @@ def prepare_neighbourhoods(
     Returns:
         Neighbourhoods.
     """
-    if len(ctx_emb) != len(resp_emb):
-        raise DataError(
-            "embeddings", f"{len(ctx_emb)} context rows but {len(resp_emb)} response rows"
-        )
-    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
-        raise ValueError(f"k must be an integer >= 1, got {k!r}")
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
-    if neighbours not in ("exact", "ivf", "hnsw"):
-        raise ValueError(f"neighbours must be 'exact', 'ivf' or 'hnsw', got {neighbours!r}")
-    n = len(ctx_emb)
-    if k > n:
-        log.warning("k=%d neighbours but only %d rows: using k=%d", k, n, n)
-        k = n
-    faiss_params = dict(faiss_params or {})
-    key = stable_hash(
-        _CACHE_VERSION,
-        _digest(ctx_emb),
-        _digest(resp_emb),
-        k,
-        eps,
-        neighbours,
-        normalise_responses,
-        faiss_params,
-    )
+    k = _check_args(ctx_emb, resp_emb, k, eps, neighbours)
+    n, faiss_params = len(ctx_emb), dict(faiss_params or {})
+    key = content_key(_CACHE_VERSION, _digest(ctx_emb), _digest(resp_emb), k, eps, neighbours,
+                      normalise_responses, faiss_params)  # fmt: skip
     path = Path(cache_dir) / f"neighbourhoods-{key}.npz" if cache_dir else None
-    if path is not None and (nb := _load_cached(path, key, n, k)) is not None:
-        return nb
-    if neighbours == "exact":
-        idx, sims = topk_cosine(ctx_emb, k)
-    else:
-        idx, sims = topk_faiss(ctx_emb, k, method=neighbours, **faiss_params)
-    labels = dbscan_neighbourhoods(
-        resp_emb, idx, eps, batch_size=batch_size, normalise=normalise_responses
+    args = (ctx_emb, resp_emb, k, eps, neighbours, normalise_responses, batch_size, faiss_params)
+    arrays = _CACHE.get_or_compute(
+        path, key, lambda: _compute(*args), lambda a: _out_of_range(a, n, k)
     )
-    nb = Neighbourhoods(idx, sims, labels, k, float(eps), neighbours, key)
-    if path is not None:
-        _save(path, nb)
-    return nb
+    eps_read, method = (str(v) for v in arrays["settings"])
+    return Neighbourhoods(arrays["neigh_idx"].astype(np.int64), arrays["sims"],
+                          arrays["labels"].astype(np.int32), k, float(eps_read), method, key)  # fmt: skip

@@ -1,4 +1,4 @@
-"""ISAAC's rephraser variant: seq2seq data and test-time rewriting (METHODS.md B.3, B.5).
+"""ISAAC's rephraser variant: seq2seq data and test-time rewriting (docs/methods.md B.3, B.5).
 
 The rephraser maps "User: " + u + " System: " + r to the ISAAC pseudo responses of (u, r)
 (B.3). The same input string is used at training and at test time; the authors fed only the

@@ -27,6 +27,8 @@ from safealign.io import atomic_open, write_json
 from safealign.isaac.encoder import HFEncoder, MiniLMEncoder, TfidfSvdEncoder, embed_cached
 from safealign.isaac.sampler import draw_targets, original_mask, prepare_neighbourhoods
 from safealign.isaac.sharpen import MODES
+from safealign.tables import markdown_table
+from safealign.utils import terminal_handler
 
 log = logging.getLogger(__name__)
 DEFAULT_DIASAFETY = Path(__file__).resolve().parents[3] / "shared" / "data" / "diasafety"
@@ -96,25 +98,10 @@ def _head_unsafe(nb, unsafe: np.ndarray) -> float:
     return float((2 * bad > in_head.sum(axis=1)).mean())
 
 
-def evaluate(name: str, poison: float | None, rows: list, args, cache: Path) -> tuple[list, dict]:
-    """All settings x modes for one corpus; returns report rows and the prepared neighbourhoods."""
-    contexts, responses = [r.context for r in rows], [r.response for r in rows]
-    labels = np.array([r.label for r in rows])
-    unsafe, evasive = labels == "unsafe", labels == "evasive"
-    enc = make_encoder(args)
-    ctx_emb = embed_cached(contexts, enc, cache)
-    resp_emb = embed_cached(responses, enc, cache)
-    eps = args.eps if args.eps is not None else DEFAULT_EPS[args.encoder]
-    nb = prepare_neighbourhoods(ctx_emb, resp_emb, k=args.k, eps=eps, cache_dir=cache)
-    is_orig = original_mask(nb, responses)
-    base = dict(
-        corpus=name,
-        poison="" if poison is None else poison,
-        raw_unsafe=float(unsafe.mean()),
-        raw_evasive=float(evasive.mean()),
-        neigh_unsafe=float(unsafe[nb.neigh_idx].mean()),
-        head_unsafe=_head_unsafe(nb, unsafe),
-    )
+def _draws(nb, is_orig: np.ndarray, args, base: dict, unsafe: np.ndarray,
+           evasive: np.ndarray) -> list[dict]:  # fmt: skip
+    """One report row per (setting, mode): ISAAC as configured, without the keep-original
+    shortcut, and Theorem 1's setting (random sampling over the whole neighbourhood)."""
     settings = [
         ("isaac", args.top_k, True, MODES),
         ("no_shortcut", args.top_k, False, MODES),
@@ -149,25 +136,54 @@ def evaluate(name: str, poison: float | None, rows: list, args, cache: Path) -> 
                     mean_si=s["mean_si"],
                 )
             )
+    return out
+
+
+def evaluate(name: str, poison: float | None, rows: list, args, cache: Path) -> tuple[list, dict]:
+    """All settings x modes for one corpus; returns report rows and the prepared neighbourhoods."""
+    contexts, responses = [r.context for r in rows], [r.response for r in rows]
+    labels = np.array([r.label for r in rows])
+    unsafe, evasive = labels == "unsafe", labels == "evasive"
+    enc = make_encoder(args)
+    ctx_emb = embed_cached(contexts, enc, cache)
+    resp_emb = embed_cached(responses, enc, cache)
+    eps = args.eps if args.eps is not None else DEFAULT_EPS[args.encoder]
+    nb = prepare_neighbourhoods(ctx_emb, resp_emb, k=args.k, eps=eps, cache_dir=cache)
+    is_orig = original_mask(nb, responses)
+    base = dict(
+        corpus=name,
+        poison="" if poison is None else poison,
+        raw_unsafe=float(unsafe.mean()),
+        raw_evasive=float(evasive.mean()),
+        neigh_unsafe=float(unsafe[nb.neigh_idx].mean()),
+        head_unsafe=_head_unsafe(nb, unsafe),
+    )
+    out = _draws(nb, is_orig, args, base, unsafe, evasive)
     extra = dict(nb=nb, resp_emb=resp_emb, labels=labels, unsafe=unsafe, eps=eps)
     return out, extra
 
 
+# (report column, header, format) of the markdown table; report.csv has every COLUMNS key.
+MARKDOWN = (
+    ("corpus", "corpus", "{}"),
+    ("poison", "poison", "{}"),
+    ("setting", "setting", "{}"),
+    ("mode", "mode", "{}"),
+    ("raw_unsafe", "raw unsafe", "{:.4f}"),
+    ("neigh_unsafe", "neighbourhood unsafe", "{:.4f}"),
+    ("sampled_unsafe", "sampled unsafe", "{:.4f}"),
+    ("change", "change", "{:+.4f}"),
+    ("raw_evasive", "raw evasive", "{:.4f}"),
+    ("sampled_evasive", "sampled evasive", "{:.4f}"),
+    ("head_unsafe", "head cluster unsafe", "{:.3f}"),
+    ("keep_original_rate", "keep-original", "{:.3f}"),
+    ("mean_clusters", "clusters/ctx", "{:.1f}"),
+)
+
+
 def to_markdown(rows: list[dict]) -> str:
-    head = (
-        "| corpus | poison | setting | mode | raw unsafe | neighbourhood unsafe | sampled unsafe |"
-        " change | raw evasive | sampled evasive | head cluster unsafe | keep-original |"
-        " clusters/ctx |"
-    )
-    lines = [head, "|" + "---|" * 13]
-    for r in rows:
-        lines.append(
-            f"| {r['corpus']} | {r['poison']} | {r['setting']} | {r['mode']} | {r['raw_unsafe']:.4f}"
-            f" | {r['neigh_unsafe']:.4f} | {r['sampled_unsafe']:.4f} | {r['change']:+.4f} |"
-            f" {r['raw_evasive']:.4f} | {r['sampled_evasive']:.4f} | {r['head_unsafe']:.3f} |"
-            f" {r['keep_original_rate']:.3f} | {r['mean_clusters']:.1f} |"
-        )
-    return "\n".join(lines) + "\n"
+    body = ([fmt.format(r[key]) for key, _, fmt in MARKDOWN] for r in rows)
+    return markdown_table([head for _, head, _ in MARKDOWN], body) + "\n"
 
 
 def verdicts(rows: list[dict]) -> list[str]:
@@ -237,10 +253,8 @@ def run(args: argparse.Namespace) -> list[dict]:
         rows += r
         if first_extra is None or (name == "builtin" and poison == 0.1):
             first_extra, first_name = extra, f"{name} poison={poison}" if poison else name
-        print(
-            f"{name} poison={poison}: {len(examples)} dialogues ({time.perf_counter() - t0:.0f} s)",
-            flush=True,
-        )
+        log.info("%s poison=%s: %d dialogues (%.0f s)", name, poison, len(examples),
+                 time.perf_counter() - t0)  # fmt: skip
     if not rows:
         raise SystemExit("no corpus evaluated")
     notes = verdicts(rows)
@@ -249,9 +263,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     write_outputs(out, rows, params, notes)
     if not args.no_tsne:
         tsne_figure(out, first_extra, args.seed, first_name)
-    print(to_markdown(rows))
-    print("\n".join(notes))
-    print(f"wrote {out}/report.{{csv,md,json}} in {time.perf_counter() - t0:.0f} s")
+    log.info("%s\n%s", to_markdown(rows), "\n".join(notes))
+    log.info("wrote %s/report.{csv,md,json} in %.0f s", out, time.perf_counter() - t0)
     return rows
 
 
@@ -279,7 +292,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, handlers=[terminal_handler()])
     run(parse_args(argv))
 
 

@@ -1,4 +1,4 @@
-"""ISAAC pseudo-response sampler (METHODS.md B.2 steps 3-10 with B.5's decisions; paper Alg. 1).
+"""ISAAC pseudo-response sampler (docs/methods.md B.2 steps 3-10 with B.5's decisions; paper Alg. 1).
 
 Two stages, so sweeps over tau / mode / M / top-k / top-p redo only the cheap part:
 
@@ -22,12 +22,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from safealign.errors import DataError
-from safealign.isaac import sharpen
 from safealign.isaac.prepare import Neighbourhoods, prepare_neighbourhoods
+from safealign.isaac.sharpen import EPS, check_params, n_kept_batch, probs_batch, si_batch
 from safealign.types import MultiTargetExample
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,23 @@ def _members(
     return perm[rows, starts[rows, cluster] + j]
 
 
+def _draw(
+    labels: np.ndarray, neigh: np.ndarray, counts: np.ndarray, top_labels: np.ndarray,
+    probs: np.ndarray, n_kept: np.ndarray, m: int, rng: np.random.Generator,
+) -> np.ndarray:  # fmt: skip
+    """(N, M) neighbour rows: a cluster rank by inverse CDF, then a uniform member of it
+    (torch.multinomial + random.randint in the authors' code; B.2 step 9). Every row draws,
+    so rows that the keep-original shortcut overrides do not change the others' draws."""
+    n = len(labels)
+    u, v = rng.random((n, m)), rng.random((n, m))
+    cdf = np.cumsum(probs, axis=1)
+    rank = np.minimum((u[:, :, None] >= cdf[:, None, :]).sum(axis=2), n_kept[:, None] - 1)
+    cluster = np.take_along_axis(top_labels, rank, axis=1)  # (N, M) label ids
+    size = np.take_along_axis(counts, cluster, axis=1)
+    j = np.minimum((v * size).astype(np.int64), size - 1)
+    return np.take_along_axis(neigh, _members(labels, counts, cluster, j), axis=1)
+
+
 def draw_targets(
     nb: Neighbourhoods,
     is_original: np.ndarray | None = None,
@@ -136,7 +154,7 @@ def draw_targets(
     mode: str = "paper",
     m: int = 3,
     keep_original: bool = True,
-    eps: float = sharpen.EPS,
+    eps: float = EPS,
     rng: np.random.Generator,
 ) -> SamplerResult:
     """Draw M pseudo targets per context from prepared neighbourhoods (B.2 steps 5-9).
@@ -154,45 +172,27 @@ def draw_targets(
     Returns:
         SamplerResult with ``targets`` Shape: (N, M), indices into the responses.
     """
-    sharpen.check_params(tau=tau, eps=eps, top_k=top_k, top_p=top_p, mode=mode, m=m)
+    params = dict(top_k=top_k, top_p=top_p, tau=tau, mode=mode, m=m, eps=eps)
+    check_params(**params)
     labels, neigh = nb.labels, nb.neigh_idx
     n, k = labels.shape
     counts, top_labels, top_sizes = _cluster_table(labels, top_k)
-    n_kept = sharpen.n_kept_batch(top_sizes, top_k, top_p)
-    probs = sharpen.probs_batch(top_sizes, n_kept, tau, mode, eps)  # (N, top_k)
-    # Inverse-CDF draws: the cluster rank, then a uniform member of it (torch.multinomial +
-    # random.randint in the authors' code). Drawn for every row, so rows the shortcut overrides
-    # do not change the others' draws.
-    u, v = rng.random((n, m)), rng.random((n, m))
-    cdf = np.cumsum(probs, axis=1)
-    rank = np.minimum((u[:, :, None] >= cdf[:, None, :]).sum(axis=2), n_kept[:, None] - 1)
-    cluster = np.take_along_axis(top_labels, rank, axis=1)  # (N, M) label ids
-    size = np.take_along_axis(counts, cluster, axis=1)
-    j = np.minimum((v * size).astype(np.int64), size - 1)
-    targets = np.take_along_axis(neigh, _members(labels, counts, cluster, j), axis=1)
+    n_kept = n_kept_batch(top_sizes, top_k, top_p)
+    probs = probs_batch(top_sizes, n_kept, tau, mode, eps)  # (N, top_k)
+    targets = _draw(labels, neigh, counts, top_labels, probs, n_kept, m, rng)
     if is_original is None:
         is_original = neigh == np.arange(n)[:, None]
-    head = top_labels[:, :1]  # the largest kept cluster (ties: first met)
-    fired = (is_original & (labels == head)).any(axis=1) & keep_original
-    targets[fired] = np.arange(n)[fired, None]  # B.2 step 6: M copies of the original
+    # B.2 step 6 fires when the original is in the largest kept cluster (ties: first met)
+    fired = (is_original & (labels == top_labels[:, :1])).any(axis=1) & keep_original
+    targets[fired] = np.arange(n)[fired, None]  # M copies of the original
     return SamplerResult(
         targets=targets.astype(np.int64),
         n_clusters=(labels.max(axis=1) + 1).astype(np.int32),
         n_kept=n_kept.astype(np.int32),
-        si=sharpen.si_batch(top_sizes, n_kept, eps),
+        si=si_batch(top_sizes, n_kept, eps),
         kept_original=fired,
         head_share=top_sizes[:, 0] / k,
-        params=dict(
-            k=nb.k,
-            eps_dbscan=nb.eps,
-            top_k=top_k,
-            top_p=top_p,
-            tau=tau,
-            mode=mode,
-            m=m,
-            keep_original=keep_original,
-            eps=eps,
-        ),
+        params=dict(k=nb.k, eps_dbscan=nb.eps, **params, keep_original=keep_original),
     )
 
 
@@ -202,17 +202,12 @@ def sample_pseudo_responses(
     ctx_emb: np.ndarray,
     resp_emb: np.ndarray,
     *,
+    rng: np.random.Generator,
     k: int = 150,
     eps: float = 0.22,
-    top_k: int = 10,
-    top_p: float | None = None,
-    tau: float = 1.0,
-    mode: str = "paper",
-    m: int = 3,
-    keep_original: bool = True,
     neighbours: str = "exact",
-    rng: np.random.Generator,
     cache_dir: str | None = None,
+    **draw: Any,
 ) -> SamplerResult:
     """Alg. 1 end to end: neighbours + DBSCAN (cached) then M draws per context.
 
@@ -220,9 +215,10 @@ def sample_pseudo_responses(
         contexts, responses: The corpus pairs (u_i, r_i); responses must be non-empty.
         ctx_emb, resp_emb: Their embeddings, Shape: (N, d) each.
         k, eps, neighbours: Context top-K, DBSCAN radius, "exact" | "ivf" | "hnsw".
-        top_k, top_p, tau, mode, m, keep_original: See :func:`draw_targets`.
         rng: Source of all randomness.
         cache_dir: Where to cache the neighbourhoods (.npz); None = no cache.
+        **draw: top_k, top_p, tau, mode, m, keep_original of :func:`draw_targets` (the SI
+            epsilon keeps its default: ``eps`` here is DBSCAN's radius).
 
     Returns:
         SamplerResult; ``targets[i]`` are indices into ``responses``.
@@ -230,20 +226,13 @@ def sample_pseudo_responses(
     if len(contexts) != len(responses):
         raise DataError("corpus", f"{len(contexts)} contexts but {len(responses)} responses")
     check_texts(responses, "responses")
-    sharpen.check_params(tau=tau, top_k=top_k, top_p=top_p, mode=mode, m=m)
+    keep_original = draw.pop("keep_original", True)
+    check_params(**draw)  # before the expensive half
     nb = prepare_neighbourhoods(
         ctx_emb, resp_emb, k=k, eps=eps, neighbours=neighbours, cache_dir=cache_dir
     )
     return draw_targets(
-        nb,
-        original_mask(nb, responses),
-        top_k=top_k,
-        top_p=top_p,
-        tau=tau,
-        mode=mode,
-        m=m,
-        keep_original=keep_original,
-        rng=rng,
+        nb, original_mask(nb, responses), keep_original=keep_original, rng=rng, **draw
     )
 
 

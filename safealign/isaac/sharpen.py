@@ -1,4 +1,4 @@
-"""Cluster clipping, the sensitive indicator and the sharpened cluster distribution (METHODS.md B.2
+"""Cluster clipping, the sensitive indicator and the sharpened cluster distribution (docs/methods.md B.2
 steps 5-8, B.5; ISAAC paper Alg. 1 l.15-25, Eq. 1-2).
 
 Everything works on *raw* cluster sizes N_i (counts), as the figure and the code do (B.5 "d_c

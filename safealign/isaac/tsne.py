@@ -47,32 +47,9 @@ def plot_neighbourhood(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from sklearn.manifold import TSNE
 
-    k = len(emb)
-    xy = TSNE(
-        n_components=2, perplexity=min(30.0, max(2.0, (k - 1) / 3)), init="pca", random_state=seed
-    ).fit_transform(np.asarray(emb, dtype=np.float64))
-    sizes = np.bincount(cluster_labels)
-    rank = np.empty_like(sizes)
-    rank[np.argsort(-sizes, kind="stable")] = np.arange(len(sizes))
-    cmap = plt.get_cmap("tab10")
     fig, ax = plt.subplots(figsize=(6.5, 5.5))
-    for lab in sorted(set(safety)):
-        for c in np.unique(cluster_labels):
-            sel = (cluster_labels == c) & (np.array(safety) == lab)
-            if not sel.any():
-                continue
-            colour = cmap(rank[c] % 10) if rank[c] < max_colours else (0.7, 0.7, 0.7, 1.0)
-            ax.scatter(
-                xy[sel, 0],
-                xy[sel, 1],
-                color=colour,
-                marker=_MARKERS.get(lab, "s"),
-                s=40 if lab == "safe" else 70,
-                edgecolors="black",
-                linewidths=0.3,
-            )
+    _scatter(ax, _tsne_2d(emb, seed), cluster_labels, safety, max_colours)
     handles = [
         plt.Line2D([], [], marker=m, linestyle="", color="black", label=lab)
         for lab, m in _MARKERS.items()
@@ -88,3 +65,39 @@ def plot_neighbourhood(
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
     return path
+
+
+def _tsne_2d(emb: np.ndarray, seed: int) -> np.ndarray:
+    from sklearn.manifold import TSNE
+
+    perplexity = min(30.0, max(2.0, (len(emb) - 1) / 3))  # sklearn needs perplexity < K
+    tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed)
+    return tsne.fit_transform(np.asarray(emb, dtype=np.float64))
+
+
+def _scatter(
+    ax, xy: np.ndarray, cluster_labels: np.ndarray, safety: list[str], max_colours: int
+) -> None:
+    """One scatter per (safety label, cluster): the ``max_colours`` largest clusters in tab10
+    colours (by size rank), the rest grey; marker by safety label."""
+    import matplotlib.pyplot as plt
+
+    sizes = np.bincount(cluster_labels)
+    rank = np.empty_like(sizes)
+    rank[np.argsort(-sizes, kind="stable")] = np.arange(len(sizes))
+    cmap = plt.get_cmap("tab10")
+    for lab in sorted(set(safety)):
+        for c in np.unique(cluster_labels):
+            sel = (cluster_labels == c) & (np.array(safety) == lab)
+            if not sel.any():
+                continue
+            colour = cmap(rank[c] % 10) if rank[c] < max_colours else (0.7, 0.7, 0.7, 1.0)
+            ax.scatter(
+                xy[sel, 0],
+                xy[sel, 1],
+                color=colour,
+                marker=_MARKERS.get(lab, "s"),
+                s=40 if lab == "safe" else 70,
+                edgecolors="black",
+                linewidths=0.3,
+            )

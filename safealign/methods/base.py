@@ -1,4 +1,6 @@
-"""Shared plumbing for every method module: model creation, optimiser, NaN guard, grad norm, export."""
+"""Shared plumbing for every method module: model creation, optimiser, the train/val/test steps
+around one ``_step``, split-named logging (``sync_dist`` on epoch metrics), NaN guard, grad norm,
+export."""
 
 from __future__ import annotations
 
@@ -39,7 +41,15 @@ class BaseModule(L.LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.model = None
         preload_model_classes(model_factory)  # before any zero.Init context (safealign.sharding)
-        self.history: list[dict[str, float]] = []
+        self._history: list[dict[str, float]] = []
+        self._pending: list[tuple[float, dict[str, Tensor]]] = []  # step metrics, still on device
+
+    @property
+    def history(self) -> list[dict[str, float]]:
+        """One row of step metrics per training batch (``step`` + every scalar callback metric),
+        for metrics.json, history.jsonl and the KL plots."""
+        self._flush_history()
+        return self._history
 
     def configure_model(self) -> None:
         # Lightning calls this inside the strategy's context (FSDP/DeepSpeed), so sharded
@@ -64,8 +74,9 @@ class BaseModule(L.LightningModule):
         sched = self.scheduler_factory(opt)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    def check_finite(self, loss: Tensor, batch: dict, batch_idx: int) -> None:
-        """Stop the run on a NaN/inf loss, naming the step and the batch's example indices.
+    def check_finite(self, loss: Tensor, index: Tensor | None, batch_idx: int) -> None:
+        """Stop the run on a NaN/inf loss, naming the step and the batch's example indices
+        (``index``, Shape: (B,), or None when the batch has none).
 
         Collective: with several ranks, a NaN on ONE rank stops ALL of them (otherwise the others
         wait forever in the gradient all-reduce), each naming the step."""
@@ -81,38 +92,74 @@ class BaseModule(L.LightningModule):
             raise NonFiniteLossError(
                 f"non-finite loss on another rank at {where}; that rank's message names the examples"
             )
-        idx = batch.get("index")
-        rows = idx.tolist() if idx is not None else "?"
+        rows = index.tolist() if index is not None else "?"
         rank = f" on rank {self.global_rank}" if world > 1 else ""
         raise NonFiniteLossError(
             f"non-finite loss {loss.item()}{rank} at {where}, example indices {rows}; "
             "lower the learning rate, check the data, or use fp32"
         )
 
-    def _step(self, batch: dict, split: str, batch_idx: int) -> torch.Tensor:
-        raise NotImplementedError  # each method's one shared step (STYLE.md principle 9)
+    def log_split(
+        self, split: str, metrics: dict[str, Tensor], batch_size: int, prog_bar: tuple = ("loss",)
+    ) -> None:
+        """Log ``f"{split}/{name}"`` (STYLE.md principle 10): per step and per epoch in training,
+        per epoch elsewhere. Epoch values of val/test are reduced over all ranks (``sync_dist``),
+        so under DDP they cover every rank's shard, not rank 0's."""
+        train = split == "train"
+        for name, value in metrics.items():
+            self.log(
+                f"{split}/{name}", value, prog_bar=name in prog_bar, batch_size=batch_size,
+                on_step=train, on_epoch=True, sync_dist=not train,
+            )  # fmt: skip
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def per_example_loss(self, batch: dict) -> Tensor:
+        """Loss per example, Shape: (B,). Modules that keep the default :meth:`_step` define it."""
+        raise NotImplementedError
+
+    def _step(self, batch: dict, split: str, batch_idx: int) -> Tensor:
+        # The one shared step (STYLE.md principle 9): mean loss, NaN guard, split-named metrics.
+        loss = self.per_example_loss(batch).mean()
+        self.check_finite(loss, batch["index"], batch_idx)
+        self.log_split(split, {"loss": loss}, batch_size=batch["index"].numel())
+        return loss
+
+    def training_step(self, batch, batch_idx: int) -> Tensor:
         return self._step(batch, "train", batch_idx)
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    def validation_step(self, batch, batch_idx: int) -> None:
         self._step(batch, "val", batch_idx)
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
+    def test_step(self, batch, batch_idx: int) -> None:
         self._step(batch, "test", batch_idx)
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        norms = [p.grad.detach().norm(2) for p in self.parameters() if p.grad is not None]
-        if norms:
-            self.log("train/grad_norm", torch.stack(norms).norm(2), on_step=True, on_epoch=False)
+        grads = [p.grad.detach() for p in self.parameters() if p.grad is not None]
+        if grads:  # one fused per-tensor norm (foreach), on device: no host sync
+            norm = torch.stack(torch._foreach_norm(grads, 2)).norm(2)
+            self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        # Keep a plain history of step metrics for metrics.json / plots (logger-independent).
-        row = {"step": float(self.global_step)}
-        row.update(
-            {k: float(v) for k, v in self.trainer.callback_metrics.items() if v.numel() == 1}
-        )
-        self.history.append(row)
+        # A plain history of step metrics for metrics.json / plots (logger-independent). Lean
+        # steps (issue 12 item 2): the values stay on device and reach the host in ONE transfer
+        # every `trainer.log_every_n_steps` batches (and whenever `history` is read), instead of
+        # one blocking `float()` per metric per step. clone: Lightning may update a value in place.
+        metrics = self.trainer.callback_metrics
+        row = {k: _local(v).clone() for k, v in metrics.items() if v.numel() == 1}
+        self._pending.append((float(self.global_step), row))
+        if len(self._pending) >= max(1, self.trainer.log_every_n_steps):
+            self._flush_history()
+
+    def _flush_history(self) -> None:
+        if not self._pending:
+            return
+        values = [v.reshape(()) for _, row in self._pending for v in row.values()]
+        flat = iter(())
+        if values:  # float64 holds every fp32/int metric exactly: the numbers float(v) gave
+            device = values[0].device
+            flat = iter(torch.stack([v.to(device, torch.float64) for v in values]).tolist())
+        for step, row in self._pending:
+            self._history.append({"step": step, **{k: next(flat) for k in row}})
+        self._pending.clear()
 
     def summarize(self, datamodule, out_dir) -> dict[str, float]:
         """Method-specific end-of-run metrics (and files in out_dir); none by default.
@@ -128,3 +175,10 @@ class BaseModule(L.LightningModule):
         from safealign.sharding import export_pretrained
 
         return export_pretrained(self.model, self.tokenizer, out_dir)
+
+
+def _local(value: Tensor) -> Tensor:
+    """A plain tensor: FSDP2 gradients make `train/grad_norm` a DTensor, which `tolist` refuses.
+    Every rank logs the same metrics in the same order, so the collective lines up."""
+    value = value.detach()
+    return value.full_tensor() if hasattr(value, "full_tensor") else value

@@ -1,4 +1,4 @@
-"""ClassifierModule: ISAAC's safety classifier (METHODS.md B.7), and the scorer that reads it back.
+"""ClassifierModule: ISAAC's safety classifier (docs/methods.md B.7), and the scorer that reads it back.
 
 A sequence classifier over ``"<|user|>" + context + "<|system|>" + response`` (LAST ``max_length``
 tokens), 2 classes, 1 = unsafe, cross-entropy loss; the authors fine-tune RoBERTa-base on
@@ -73,37 +73,20 @@ class ClassifierModule(BaseModule):
     def _step(self, batch: dict, split: str, batch_idx: int) -> torch.Tensor:
         logits = self.logits(batch)
         loss = F.cross_entropy(logits.float(), batch["labels"])
-        self.check_finite(loss, batch, batch_idx)
+        self.check_finite(loss, batch["index"], batch_idx)
         bs = batch["labels"].numel()
-        self.log(
-            f"{split}/loss",
-            loss,
-            prog_bar=True,
-            batch_size=bs,
-            on_step=split == "train",
-            on_epoch=True,
-        )
+        self.log_split(split, {"loss": loss}, batch_size=bs)
         preds = logits.argmax(-1)
         if split == "train":
-            acc = (preds == batch["labels"]).float().mean()
-            self.log("train/acc", acc, batch_size=bs, on_step=True, on_epoch=True)
+            self.log_split(split, {"acc": (preds == batch["labels"]).float().mean()}, bs)
             return loss
-        for name in ("acc", "f1"):
+        for name in ("acc", "f1"):  # torchmetrics objects: they sync their own state over ranks
             metric = self.cls_metrics[f"{split}_{name}"]
             metric(preds, batch["labels"])
             self.log(
                 f"{split}/{name}", metric, prog_bar=name == "acc", batch_size=bs, on_epoch=True
             )
         return loss
-
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train", batch_idx)
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._step(batch, "val", batch_idx)
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._step(batch, "test", batch_idx)
 
     @torch.no_grad()  # not inference_mode: FSDP2 writes its all-gather buffers in place
     def predict_loader(self, loader) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,7 +111,7 @@ class ClassifierModule(BaseModule):
 
     def summarize(self, datamodule, out_dir) -> dict[str, float]:
         """Test-split metrics of the final weights (run.py fits but does not call trainer.test)."""
-        if not datamodule.encoded.get("test"):
+        if not datamodule.indexed_rows("test"):
             return {}
         preds, labels = self.predict_loader(datamodule.test_dataloader())
         return binary_report(preds, labels, "test")

@@ -1,39 +1,49 @@
 """PreferenceModule: DPO and ADPO in one LightningModule; the loss is injected by config.
 
 pi_ref is the frozen initial (SFT) policy; pi_t (ADPO's inner toxic model) is the same frozen
-weights conditioned on `[TOXIC]` (METHODS.md A.1, A.3). By default both are precomputed once from
+weights conditioned on `[TOXIC]` (docs/methods.md A.1, A.3). By default both are precomputed once from
 the initial weights and cached, so training holds ONE model (no frozen copy, nothing for ZeRO-3 to
-wrap twice). `toxic_ref=policy_detached` scores pi_t with the current policy (no grad) each step.
+wrap twice). `method.toxic_ref` (a `_target_`, safealign.methods.toxic_ref) decides whether pi_t
+is those frozen weights (FrozenSFT) or the current policy without gradient (PolicyDetached).
+Batches are :class:`safealign.types.PreferenceBatch`; the data module's public API supplies the
+rows to precompute.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from safealign import stop
 from safealign.errors import ConfigError
-from safealign.logps import concatenated_forward, single_forward
+from safealign.logps import concatenated_forward
 from safealign.methods import reference as ref
 from safealign.methods.base import BaseModule
 from safealign.methods.plots import plot_kl
+from safealign.methods.toxic_ref import FrozenSFT, ToxicRef, check_toxic_ref
 from safealign.sharding import layout
-from safealign.types import LossOut, PreferenceExample, SeqLogps
+from safealign.shared_prompt import shared_prompt_forward
+from safealign.types import LossOut, PreferenceBatch, PreferenceExample, SeqLogps
 
 log = logging.getLogger(__name__)
-TOXIC_REFS = ("frozen_sft", "policy_detached")
 
 
 class PreferenceModule(BaseModule):
     """Args (beyond BaseModule): loss: `loss(policy, reference) -> LossOut` (a `_partial_` from
     safealign.losses); needs_toxic: batches carry [chosen; rejected; toxic] (ADPO);
+    toxic_ref: where pi_t comes from (safealign.methods.toxic_ref; None = FrozenSFT);
     precompute_reference: cache reference logps once (default) instead of a frozen model;
     reference_batch_size: pairs per forward of that precompute (no grad, so it can exceed the
     training batch; None = the data module's batch sizes);
-    average_logps: mean instead of sum per sequence (IPO convention)."""
+    average_logps: mean instead of sum per sequence (IPO convention);
+    shared_prompt: run each pair's prompt once and continue chosen/rejected(/toxic) from it
+    (safealign.shared_prompt; same values to float rounding, issue 12); false = one full row
+    per response (safealign.logps.concatenated_forward)."""
 
     record_type = PreferenceExample
 
@@ -45,18 +55,18 @@ class PreferenceModule(BaseModule):
         loss: Callable[[SeqLogps, SeqLogps], LossOut],
         scheduler: Callable | None = None,
         needs_toxic: bool = False,
-        toxic_ref: str = "frozen_sft",
+        toxic_ref: ToxicRef | None = None,
         precompute_reference: bool = True,
         average_logps: bool = False,
         cache_dir: str | None = None,
         reference_batch_size: int | None = None,
+        shared_prompt: bool = True,
     ) -> None:
         super().__init__(model_factory, tokenizer, optimizer, scheduler)
-        if toxic_ref not in TOXIC_REFS:
-            raise ConfigError(
-                "method.toxic_ref", f"expected one of {TOXIC_REFS}, got {toxic_ref!r}"
-            )
-        self.loss_fn, self.needs_toxic, self.toxic_ref = loss, needs_toxic, toxic_ref
+        self.toxic_ref = check_toxic_ref(FrozenSFT() if toxic_ref is None else toxic_ref)
+        self.loss_fn, self.needs_toxic = loss, needs_toxic
+        self.shared_prompt = shared_prompt
+        self.pair_forward = shared_prompt_forward if shared_prompt else concatenated_forward
         self.precompute, self.average = precompute_reference, average_logps
         self.cache_dir = Path(cache_dir) if cache_dir else None
         if reference_batch_size is not None and reference_batch_size < 1:
@@ -95,11 +105,13 @@ class PreferenceModule(BaseModule):
 
     def _load_or_compute_reference(self) -> dict[str, dict[str, torch.Tensor]]:
         dm, trainer = self.trainer.datamodule, self.trainer
+        encoded = dm.encoded_splits()
         key = ref.reference_key(
-            self.model, self.tokenizer, dm.encoded, self.average, self.needs_toxic,
+            self.model, self.tokenizer, encoded, self.average, self.needs_toxic,
             source=ref.source_identity(self.model_factory), precision=str(trainer.precision),
+            shared_prompt=self.shared_prompt,
         )  # fmt: skip
-        sizes = {s: len(rows) for s, rows in dm.encoded.items()}
+        sizes = {s: len(rows) for s, rows in encoded.items()}
         path = self.cache_dir / f"reflogps-{key}.safetensors" if self.cache_dir else None
         cache = ref.load_cache(path, key, sizes) if path else None
         log.info("reference log-probs: %s (key %s)", "reused" if cache else "computed", key)
@@ -115,15 +127,14 @@ class PreferenceModule(BaseModule):
             self.model.to(device)
         ctx = self.trainer.precision_plugin.forward_context  # the policy's autocast (item 1)
         collate, cache = dm.collator(), {}
+        on_batch = functools.partial(stop.check, "reference precompute")  # honour a stop signal
         for split, n in sizes.items():
             if not n:
                 continue
-            bs = self.reference_batch_size or (
-                dm.batch_size if split == "train" else dm.eval_batch_size
-            )
-            items = list(enumerate(dm.encoded[split]))
+            bs = self.reference_batch_size or dm.batch_size_for(split)
             cache[split] = ref.sharded_reference(
-                self.model, items, collate, bs, self.average, device, ctx, _stop_check
+                self.model, dm.indexed_rows(split), collate, bs, self.average, device, ctx, on_batch,
+                self.pair_forward,
             )
         return cache
 
@@ -135,42 +146,41 @@ class PreferenceModule(BaseModule):
         if self.reference is not None:  # not a submodule, so the strategy does not move it
             self.reference[0].to(self.device)
 
-    def reference_logps(self, batch: dict, split: str, n_way: int) -> SeqLogps:
-        n = batch["index"].numel()
-        with torch.no_grad():
-            if self.ref_cache is not None:
-                c, idx = self.ref_cache[split], batch["index"].cpu()
-                dev = batch["input_ids"].device
-                chosen, rejected = c["chosen"][idx].to(dev), c["rejected"][idx].to(dev)
-                toxic = c["toxic"][idx].to(dev) if n_way == 3 and "toxic" in c else None
-            else:
-                rows = (batch[k][: 2 * n] for k in ("input_ids", "attention_mask", "labels"))
-                r = concatenated_forward(self.reference[0], *rows, 2, self.average)
-                chosen, rejected, toxic = r.chosen, r.rejected, None
-                if n_way == 3:
-                    toxic = self._pi_t(batch, self.reference[0])
-            if n_way == 3 and self.toxic_ref == "policy_detached":
-                toxic = self._pi_t(batch, self.model)
-        return SeqLogps(chosen, rejected, toxic)
+    @torch.no_grad()
+    def reference_logps(self, batch: PreferenceBatch, split: str) -> SeqLogps:
+        """pi_ref on chosen/rejected and, for a three-way batch, pi_t as ``toxic_ref`` picks it
+        (A.3). Each field Shape: (B,)."""
+        pairs = self._frozen_pairs(batch, split)
+        if batch.n_way == 2:
+            return pairs
+        frozen = functools.partial(self._frozen_pi_t, batch, split)
+        policy = functools.partial(ref.pi_t_logps, self.model, batch, self.average)
+        return pairs._replace(toxic=self.toxic_ref(frozen, policy))
 
-    def _pi_t(self, batch: dict, model) -> torch.Tensor:
-        args = (
-            batch["toxic_ctx_input_ids"],
-            batch["toxic_ctx_attention_mask"],
-            batch["toxic_ctx_labels"],
-        )
-        return single_forward(model, *args, self.average)
+    def _frozen_pairs(self, batch: PreferenceBatch, split: str) -> SeqLogps:
+        if self.ref_cache is None:  # the frozen copy, on the fly
+            frozen = self.reference[0]
+            return self.pair_forward(frozen, *batch.chosen_rejected(), 2, self.average)
+        c, idx, dev = self.ref_cache[split], batch.index.cpu(), batch.input_ids.device
+        return SeqLogps(c["chosen"][idx].to(dev), c["rejected"][idx].to(dev))
 
-    def _step(self, batch: dict, split: str, batch_idx: int) -> torch.Tensor:
-        n_way = 3 if "toxic_ctx_input_ids" in batch else 2
-        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-        policy = concatenated_forward(self.model, ids, mask, labels, n_way, self.average)
-        reference = self.reference_logps(batch, split, n_way)
+    def _frozen_pi_t(self, batch: PreferenceBatch, split: str) -> torch.Tensor | None:
+        if self.ref_cache is None:
+            return ref.pi_t_logps(self.reference[0], batch, self.average)
+        c = self.ref_cache[split]
+        return c["toxic"][batch.index.cpu()].to(batch.input_ids.device) if "toxic" in c else None
+
+    def _step(self, batch: PreferenceBatch, split: str, batch_idx: int) -> torch.Tensor:
+        policy = self.pair_forward(
+            self.model, batch.input_ids, batch.attention_mask, batch.labels, batch.n_way,
+            self.average,
+        )  # fmt: skip
+        reference = self.reference_logps(batch, split)
         if split == "train" and self.global_step == 0 and self.ref_cache is not None:
             self._check_step0(policy, reference, batch_idx)
         out = self.loss_fn(policy, reference)
         loss = out.losses.mean()
-        self.check_finite(loss, batch, batch_idx)
+        self.check_finite(loss, batch.index, batch_idx)
         self._log_metrics(split, loss, out, policy, reference)
         return loss
 
@@ -184,7 +194,7 @@ class PreferenceModule(BaseModule):
             isinstance(m, torch.nn.Dropout) and m.p > 0 for m in self.model.modules()
         ):
             return
-        gap = max(float((p - r).abs().max()) for p, r in
+        gap = max(float((p - r).detach().abs().max()) for p, r in
                   ((policy.chosen, reference.chosen), (policy.rejected, reference.rejected)))  # fmt: skip
         half = "16" in str(self.trainer.precision)
         if gap > (1.0 if half else 1e-3):
@@ -199,7 +209,7 @@ class PreferenceModule(BaseModule):
     def _log_metrics(
         self, split: str, loss, out: LossOut, policy: SeqLogps, reference: SeqLogps
     ) -> None:
-        # TRL names (METHODS.md C.4) + ADPO extras and kl/* = mean policy-reference log-ratio (A.4).
+        # TRL names (docs/methods.md C.4) + ADPO extras and kl/* = mean policy-reference log-ratio (A.4).
         m = {
             "rewards/chosen": out.chosen_rewards.mean(),
             "rewards/rejected": out.rejected_rewards.mean(),
@@ -215,24 +225,11 @@ class PreferenceModule(BaseModule):
             m["kl/toxic"] = (policy.toxic - reference.toxic).detach().mean()  # vs pi_t (A.3)
             if out.toxic_rewards is not None:
                 m["rewards/toxic"] = out.toxic_rewards.mean()
-        on_step = split == "train"
-        bs = policy.chosen.numel()
-        kw = dict(
-            on_step=on_step, on_epoch=True, batch_size=bs, sync_dist=not on_step
-        )  # DDP: all ranks
-        self.log_dict({f"{split}/{k}": v for k, v in m.items()}, **kw)
-        self.log(f"{split}/loss", loss.detach(), prog_bar=True, **kw)
+        m["loss"] = loss.detach()  # last, as before: metrics.json keeps its key order
+        self.log_split(split, m, batch_size=policy.chosen.numel())
 
     def summarize(self, datamodule, out_dir) -> dict[str, float]:
         if self.trainer.is_global_zero:
             plot_kl({"this run": self.history}, Path(out_dir) / "kl.png")
         return {}
 
-
-def _stop_check() -> None:
-    """Between reference batches: honour a pending stop/requeue signal (safealign.stop)."""
-    try:
-        from safealign import stop
-    except ImportError:  # pragma: no cover - older checkouts
-        return
-    stop.check("reference precompute")

@@ -19,14 +19,15 @@ import contextlib
 import hashlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from safealign.io import atomic_path
+from safealign.cache import FileCache, FileFormat, arrays_sha256
 from safealign.logps import concatenated_forward, single_forward
+from safealign.types import PreferenceBatch, SeqLogps
 
 log = logging.getLogger(__name__)
 
@@ -99,46 +100,59 @@ def reference_key(
     toxic: bool,
     source: dict | None = None,
     precision: str = "32-true",
+    shared_prompt: bool = False,
 ) -> str:
     """Cache key. The exact weights are hashed only when the model is not sharded (a ZeRO-3 or
-    FSDP shard is not the model); the source identity covers the sharded case."""
+    FSDP shard is not the model); the source identity covers the sharded case. The shared-prompt
+    forward rounds differently, so it keys its own entry (absent from unshared keys, which stay
+    what they were before it existed)."""
     from safealign.sharding import is_sharded
 
     vocab = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
     weights = "sharded" if is_sharded(model) else weights_hash(model)
     parts = [weights, json.dumps(source or {}, sort_keys=True), vocab[:16], data_hash(encoded),
              f"avg={average}", f"tox={toxic}", f"precision={precision}"]  # fmt: skip
+    if shared_prompt:
+        parts.append("shared_prompt")
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
+
+
+def pi_t_logps(model, batch: PreferenceBatch, average: bool) -> Tensor | None:
+    """``model``'s log-probs of the toxic response after prompt + [TOXIC] (``batch.toxic_ctx``):
+    pi_t when ``model`` holds the SFT weights (A.3). Shape: (B,); None for a two-way batch."""
+    if batch.toxic_ctx is None:
+        return None
+    return single_forward(model, *batch.toxic_ctx, average)
 
 
 @torch.no_grad()  # not inference_mode: FSDP2 all-gathers write into its buffers in place
 def compute_reference(
     model,
-    loader,
+    loader: Iterable[PreferenceBatch],
     average: bool,
     device: torch.device,
     forward_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     on_batch: Callable[[], None] | None = None,
+    pair_forward: Callable[..., SeqLogps] = concatenated_forward,
 ) -> dict[str, Tensor]:
-    """Reference logps for the rows ``loader`` yields (this rank's share), in loader order, with
-    their example indices under "index". Runs under ``forward_context()`` (the precision plugin's
+    """Reference logps for the batches ``loader`` yields (this rank's share), in loader order,
+    with their example indices under "index": pi_ref on [chosen; rejected], pi_t on the toxic
+    context (frozen SFT weights, A.3). Runs under ``forward_context()`` (the precision plugin's
     autocast), so the numbers are the ones the policy reproduces at step 0. ``on_batch`` is
-    called between batches (stop-signal checks). Shape of each: (rows,)."""
+    called between batches (stop-signal checks); ``pair_forward``: the policy's chosen/rejected
+    forward (shared-prompt or not), so step 0 reproduces these numbers. Shape of each: (rows,)."""
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
     from safealign.sharding import eval_mode
 
     out: dict[str, list[Tensor]] = {"index": [], "chosen": [], "rejected": [], "toxic": []}
     with eval_mode(model):
         for batch in loader:
-            b = {k: v.to(device) for k, v in batch.items()}
-            n = b["index"].numel()
-            ids, mask, labels = (b[k][: 2 * n] for k in ("input_ids", "attention_mask", "labels"))
+            batch = move_data_to_device(batch, device)
             with forward_context():
-                ref = concatenated_forward(model, ids, mask, labels, 2, average)
-                toxic = None
-                if "toxic_ctx_input_ids" in b:  # pi_t(y_t | x ⊕ [TOXIC]), frozen SFT weights (A.3)
-                    args = (b[f"toxic_ctx_{k}"] for k in ("input_ids", "attention_mask", "labels"))
-                    toxic = single_forward(model, *args, average)
-            out["index"].append(b["index"].cpu())
+                ref = pair_forward(model, *batch.chosen_rejected(), 2, average)
+                toxic = pi_t_logps(model, batch, average)
+            out["index"].append(batch.index.cpu())
             out["chosen"].append(ref.chosen.float().cpu())
             out["rejected"].append(ref.rejected.float().cpu())
             if toxic is not None:
@@ -151,16 +165,17 @@ def compute_reference(
 def sharded_reference(
     model,
     items: list,
-    collate,
+    collate: Callable[[list], PreferenceBatch],
     batch_size: int,
     average: bool,
     device: torch.device,
     forward_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     on_batch: Callable[[], None] | None = None,
+    pair_forward: Callable[..., SeqLogps] = concatenated_forward,
 ) -> dict[str, Tensor]:
-    """Reference logps of every row of ``items`` ((index, encoded) pairs, index = position),
-    each rank scoring an equal share (sharded forwards are collective), gathered on all ranks.
-    Shape of each: (len(items),), ordered by index."""
+    """Reference logps of every row of ``items`` ((index, encoded) pairs, index = position; the
+    data module's ``indexed_rows``), each rank scoring an equal share (sharded forwards are
+    collective), gathered on all ranks. Shape of each: (len(items),), ordered by index."""
     from torch.utils.data import DataLoader
 
     from safealign.ranks import global_rank, world_size
@@ -168,19 +183,11 @@ def sharded_reference(
 
     share = [items[i] for i in shard_indices(len(items), global_rank(), world_size())]
     loader = DataLoader(share, batch_size=batch_size, shuffle=False, collate_fn=collate)
-    local = compute_reference(model, loader, average, device, forward_context, on_batch)
+    local = compute_reference(
+        model, loader, average, device, forward_context, on_batch, pair_forward
+    )
     index = local.pop("index")
     return gather_by_index(local, index, len(items), device)
-
-
-def tensors_sha256(flat: dict[str, Tensor]) -> str:
-    """sha256 of named tensors: names, dtypes, shapes and bytes, in name order."""
-    h = hashlib.sha256()
-    for name in sorted(flat):
-        t = flat[name].detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def implausible(cache: dict[str, dict[str, Tensor]]) -> str | None:
@@ -197,41 +204,54 @@ def implausible(cache: dict[str, dict[str, Tensor]]) -> str | None:
     return None
 
 
-def load_cache(path: Path, key: str, sizes: dict[str, int]) -> dict[str, dict[str, Tensor]] | None:
-    """The cached tensors, or None when absent, unreadable, not for this exact key and data, not
-    the bytes saved (sha256 in the metadata) or not plausible log-probs (:func:`implausible`)."""
-    from safetensors import SafetensorError
+def _save_safetensors(path: Path, flat: dict[str, Tensor], meta: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    save_file(flat, str(path), metadata=meta)
+
+
+def _load_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     from safetensors.torch import load_file, safe_open
 
-    if not path.exists():
-        return None
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        flat = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        log.warning("reference cache %s unreadable (%s): recomputing", path, e)
-        return None
-    if meta.get("key") != key:
-        return None
-    if meta.get("sha256") != tensors_sha256(flat):
-        why = "no sha256 recorded" if "sha256" not in meta else "tensors differ from their sha256"
-        log.warning("reference cache %s: %s; recomputing", path, why)
-        return None
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    return load_file(str(path)), meta
+
+
+# One file per key: the flat "split/field" tensors, with the key and their sha256 (the tensors'
+# names, dtypes, shapes and bytes: `cache.arrays_sha256`) in the safetensors metadata.
+_CACHE = FileCache(
+    FileFormat(_save_safetensors, _load_safetensors, arrays_sha256, "tensors"), "reference cache"
+)
+
+
+def _nest(flat: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
     cache: dict[str, dict[str, Tensor]] = {}
     for name, t in flat.items():
         split, field = name.split("/")
         cache.setdefault(split, {})[field] = t
+    return cache
+
+
+def _unusable(flat: dict[str, Tensor], sizes: dict[str, int]) -> str | None:
+    cache = _nest(flat)
     if (why := implausible(cache)) is not None:
-        log.warning("reference cache %s: %s; recomputing", path, why)
-        return None
-    ok = all(s in cache and len(cache[s]["chosen"]) == n for s, n in sizes.items() if n)
-    return cache if ok else None
+        return why
+    for split, n in sizes.items():
+        if n and (split not in cache or len(cache[split].get("chosen", ())) != n):
+            return f"no {n} rows of {split!r} log-probs"
+    return None
+
+
+def load_cache(path: Path, key: str, sizes: dict[str, int]) -> dict[str, dict[str, Tensor]] | None:
+    """The cached tensors, or None when absent, unreadable, not for this exact key and data
+    (`sizes`: rows per split), not the bytes saved (sha256 in the metadata) or not plausible
+    log-probs (:func:`implausible`). Verified by `safealign.cache.FileCache`."""
+    flat = _CACHE.load(path, key, check=lambda f: _unusable(f, sizes))
+    return _nest(flat) if flat is not None else None
 
 
 def save_cache(path: Path, key: str, cache: dict[str, dict[str, Tensor]]) -> None:
-    from safetensors.torch import save_file
-
+    """Write `cache` atomically with its key and sha256, under the entry's lock."""
     flat = {f"{s}/{f}": t.contiguous() for s, fields in cache.items() for f, t in fields.items()}
-    with atomic_path(path) as tmp:
-        save_file(flat, str(tmp), metadata={"key": key, "sha256": tensors_sha256(flat)})
+    _CACHE.save(path, key, flat)

@@ -1,8 +1,7 @@
 """RephraserModule: ISAAC's seq2seq rephraser trained on multi-target pseudo responses (B.3).
 
-Loss (ISAAC Eq. 3, METHODS.md B.5): for each (u, r), the mean over its M pseudo targets of the
-per-target mean token cross-entropy, padding masked with -100. The authors' chitchat code sums
-over M and trains on pad tokens (labels not masked); both are noted deviations (B.5).
+Loss: :func:`safealign.losses.seq2seq_multi_target_loss` (ISAAC Eq. 3, docs/methods.md B.5); the
+step, NaN guard and logging are BaseModule's.
 """
 
 from __future__ import annotations
@@ -12,45 +11,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import torch.nn.functional as F
 from torch import Tensor
 
-from safealign.data.collate import IGNORE
 from safealign.eval.scorers import ProfanityScorer
 from safealign.io import write_jsonl
 from safealign.isaac.rephrase import rewrite
+from safealign.losses import seq2seq_multi_target_loss
 from safealign.methods.base import BaseModule
 from safealign.sharding import is_sharded
 from safealign.types import SAFE, UNSAFE, MultiTargetExample
 
 log = logging.getLogger(__name__)
-
-
-def seq2seq_multi_target_loss(logits: Tensor, labels: Tensor, n_targets: int) -> Tensor:
-    """Per-context mean over M targets of the mean token NLL (Eq. 3; B.5: average, pads -100).
-
-    Unlike a causal LM there is no shift: decoder position t predicts labels[t]. A target with
-    no unmasked token is left out of its context's mean.
-
-    Args:
-        logits: Shape: (B * M, T, V), rows grouped M consecutive targets per context.
-        labels: Shape: (B * M, T), -100 on padding.
-        n_targets: M.
-
-    Returns:
-        Shape: (B,).
-    """
-    rows = logits.shape[0]
-    if n_targets < 1 or rows % n_targets:
-        raise ValueError(f"{rows} rows cannot be grouped into contexts of {n_targets} targets")
-    nll = F.cross_entropy(
-        logits.float().transpose(1, 2), labels, ignore_index=IGNORE, reduction="none"
-    )
-    mask = labels != IGNORE  # (B*M, T)
-    per_target = (nll * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # (B*M,)
-    has_tokens = mask.any(-1).to(per_target.dtype)
-    per_target, has_tokens = per_target.view(-1, n_targets), has_tokens.view(-1, n_targets)
-    return (per_target * has_tokens).sum(-1) / has_tokens.sum(-1).clamp(min=1)
 
 
 class RephraserModule(BaseModule):
@@ -89,29 +60,6 @@ class RephraserModule(BaseModule):
             decoder_input_ids=decoder_input_ids,
         ).logits  # (B*M, T, V)
         return seq2seq_multi_target_loss(logits, batch["labels"], m)  # (B,)
-
-    def _step(self, batch: dict, split: str, batch_idx: int) -> Tensor:
-        loss = self.per_example_loss(batch).mean()
-        self.check_finite(loss, batch, batch_idx)
-        bs = batch["index"].numel()
-        self.log(
-            f"{split}/loss",
-            loss,
-            prog_bar=True,
-            batch_size=bs,
-            on_step=split == "train",
-            on_epoch=True,
-        )
-        return loss
-
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        return self._step(batch, "train", batch_idx)
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._step(batch, "val", batch_idx)
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._step(batch, "test", batch_idx)
 
     def summarize(self, datamodule, out_dir) -> dict[str, float]:
         """Rewrite held-out responses: how often they change and their profanity score before and

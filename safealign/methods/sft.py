@@ -20,13 +20,9 @@ class SFTModule(BaseModule):
         return sft_loss(logits, batch["labels"])  # (B,)
 
     def _step(self, batch: dict, split: str, batch_idx: int) -> torch.Tensor:
-        loss = self.per_example_loss(batch).mean()
-        self.check_finite(loss, batch, batch_idx)
-        bs = batch["index"].numel()
-        sync = split != "train"  # DDP: epoch-level eval metrics over all ranks' shards
-        self.log(f"{split}/loss", loss, prog_bar=True, batch_size=bs, on_step=not sync, on_epoch=True, sync_dist=sync)
-        if sync:
-            self.log(f"{split}/ppl", loss.exp(), batch_size=bs, on_epoch=True, sync_dist=True)
+        loss = super()._step(batch, split, batch_idx)
+        if split != "train":
+            self.log_split(split, {"ppl": loss.exp()}, batch_size=batch["index"].numel())
         return loss
 
     def summarize(self, datamodule, out_dir) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""Sequence-classifier factories: the safety classifier's encoder (METHODS.md B.7).
+"""Sequence-classifier factories: the safety classifier's encoder (docs/methods.md B.7).
 
 * :func:`build_tiny_encoder` - a small BERT built from a config, random init (tests, debugging).
 * :func:`load_sequence_classifier` - any LOCAL transformers encoder with a fresh classification
@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from safealign.errors import ConfigError
+from safealign.models.build import fit_to_tokenizer, seeded
 
 ID2LABEL = {0: "safe", 1: "unsafe"}
 
@@ -103,10 +103,7 @@ def build_tiny_encoder(
         pad_token_id=tokenizer.pad_token_id,
         **_label_kwargs(num_labels),
     )
-    # Init under a forked RNG so building a model never moves the caller's global stream.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return BertForSequenceClassification(config)
+    return seeded(BertForSequenceClassification, seed, config)
 
 
 def load_sequence_classifier(
@@ -127,18 +124,14 @@ def load_sequence_classifier(
     extra = (
         {} if dropout is None else {"hidden_dropout_prob": dropout, "classifier_dropout": dropout}
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path,
-            trust_remote_code=False,
-            use_safetensors=True,
-            local_files_only=True,
-            **_label_kwargs(num_labels),
-            **extra,
-        )
-    if model.get_input_embeddings().num_embeddings < len(tokenizer):
-        model.resize_token_embeddings(len(tokenizer))
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    return model
+    model = seeded(
+        AutoModelForSequenceClassification.from_pretrained,
+        seed,
+        path,
+        trust_remote_code=False,
+        use_safetensors=True,
+        local_files_only=True,
+        **_label_kwargs(num_labels),
+        **extra,
+    )
+    return fit_to_tokenizer(model, tokenizer)

@@ -1,65 +1,27 @@
 """Causal LM factories. Built from a config (tiny, random init) or loaded from a local path.
 
-Safetensors only, never remote code (DEVELOPERS.md standards). Both factories take the tokenizer
-so the embedding matrix always matches its vocabulary, `[TOXIC]` included.
+Safetensors only, never remote code (no pickle, no executed model code). Both factories take the
+tokenizer so the embedding matrix always matches its vocabulary, `[TOXIC]` included.
 """
 
 from __future__ import annotations
 
 import logging
 
-import torch
 from torch import nn
 
-from safealign.errors import ConfigError
+from safealign.models.build import (
+    add_lora,
+    build_from_config,
+    causal_token_ids,
+    check_memory_options,
+    checkpoint_activations,
+    dtype_of,
+    fit_to_tokenizer,
+)
 from safealign.models.checks import check_config, check_weights, local_model_dir
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ConfigError("model.dtype", f"expected one of {sorted(DTYPES)}, got {name!r}")
-    return DTYPES[name]
-
-
-def _check_memory_options(gradient_checkpointing: object, attn_implementation: object) -> None:
-    """Fail on a misspelt value before any weights are read (a 7B load takes minutes)."""
-    if not isinstance(gradient_checkpointing, bool):
-        raise ConfigError(
-            "model.lm.gradient_checkpointing",
-            f"expected true or false, got {gradient_checkpointing!r}",
-        )
-    if attn_implementation is None:
-        return
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    valid = ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]
-    # "org/repo[:fn]" is a hub kernel (the `kernels` package); transformers checks it at load.
-    if not isinstance(attn_implementation, str) or (
-        attn_implementation not in valid and "/" not in attn_implementation
-    ):
-        raise ConfigError(
-            "model.lm.attn_implementation",
-            f"expected null (transformers' default) or one of {sorted(valid)}, got {attn_implementation!r}",
-        )
-
-
-def _checkpoint_activations(model: nn.Module) -> None:
-    """Recompute each block's activations in backward instead of storing them.
-
-    Non-reentrant torch.utils.checkpoint: gradients flow even when the block inputs do not require
-    grad (frozen embeddings under LoRA) and it composes with DDP/FSDP. The KV cache is useless in
-    training and conflicts with recomputation, so it is switched off."""
-    # transformers 5.x renamed gradient_checkpointing_enable (now a deprecated alias).
-    enable = (
-        getattr(model, "activation_checkpointing_enable", None)
-        or model.gradient_checkpointing_enable
-    )
-    enable({"use_reentrant": False})
-    model.config.use_cache = False
 
 
 def build_tiny_gpt2(
@@ -78,7 +40,7 @@ def build_tiny_gpt2(
     `gradient_checkpointing` and `attn_implementation` as in :func:`load_causal_lm`."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    _check_memory_options(gradient_checkpointing, attn_implementation)
+    check_memory_options(gradient_checkpointing, attn_implementation)
     config = GPT2Config(
         vocab_size=len(tokenizer),
         n_layer=n_layer,
@@ -88,18 +50,10 @@ def build_tiny_gpt2(
         resid_pdrop=dropout,
         embd_pdrop=dropout,
         attn_pdrop=dropout,
-        bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
         attn_implementation=attn_implementation,
+        **causal_token_ids(tokenizer),
     )
-    # Init under a forked RNG so building a model never moves the caller's global stream.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = GPT2LMHeadModel(config)
-    if gradient_checkpointing:
-        _checkpoint_activations(model)
-    return model
+    return build_from_config(GPT2LMHeadModel, config, seed, gradient_checkpointing)
 
 
 def load_causal_lm(
@@ -124,37 +78,38 @@ def load_causal_lm(
     """
     from transformers import AutoModelForCausalLM
 
-    model_dir = local_model_dir(name_or_path, local_files_only)
-    if model_dir is not None:  # config and safetensors headers, before any weights are read
-        check_config(model_dir)
-        check_weights(model_dir)
-    dtype_ = _dtype(dtype)  # validate before loading anything
-    _check_memory_options(gradient_checkpointing, attn_implementation)
+    source = _checked_source(name_or_path, local_files_only)
+    dtype_ = dtype_of(dtype)  # validate before loading anything
+    check_memory_options(gradient_checkpointing, attn_implementation)
     model = AutoModelForCausalLM.from_pretrained(
-        str(model_dir) if model_dir is not None else name_or_path,  # the checked files
+        source,
         dtype=dtype_,
         attn_implementation=attn_implementation,
         trust_remote_code=False,
         use_safetensors=True,
         local_files_only=local_files_only,
     )
-    if model.get_input_embeddings().num_embeddings < len(tokenizer):
-        model.resize_token_embeddings(len(tokenizer))
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
+    fit_to_tokenizer(model, tokenizer)
     if gradient_checkpointing:
-        _checkpoint_activations(model)
-    if lora:
-        from peft import LoraConfig, get_peft_model
-
-        if gradient_checkpointing:
+        checkpoint_activations(model)
+        if lora:
             # peft's recipe (prepare_model_for_kbit_training): the frozen embeddings' output must
             # require grad, or a checkpointed block has no differentiable input and the adapters
             # inside it get no gradient. Needed for reentrant checkpointing (DeepSpeed ZeRO-3
             # may switch to it), harmless for the non-reentrant one used here.
             model.enable_input_require_grads()
-        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **dict(lora)))
-    return model
+    return add_lora(model, lora, "CAUSAL_LM")
+
+
+def _checked_source(name_or_path: str, local_files_only: bool) -> str:
+    """What `from_pretrained` reads: a local dir (or a hub id's cached snapshot) whose config and
+    safetensors headers were checked before any weights are read, else the hub id itself."""
+    model_dir = local_model_dir(name_or_path, local_files_only)
+    if model_dir is None:
+        return name_or_path
+    check_config(model_dir)
+    check_weights(model_dir)
+    return str(model_dir)
 
 
 def frozen(model: nn.Module) -> nn.Module:

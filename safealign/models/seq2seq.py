@@ -1,4 +1,4 @@
-"""Encoder-decoder factories for ISAAC's rephraser (METHODS.md B.3: T5-small in the authors' code).
+"""Encoder-decoder factories for ISAAC's rephraser (docs/methods.md B.3: T5-small in the authors' code).
 
 * :func:`build_tiny_t5` - a small T5 built from a config, random init (tests, the built-in demo).
 * :func:`load_seq2seq` - any LOCAL seq2seq LM (T5, BART, ...): safetensors only, no remote code.
@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from safealign.errors import ConfigError
-from safealign.models.lm import _dtype
+from safealign.models.build import add_lora, dtype_of, fit_to_tokenizer, seeded
 
 
 def _special_ids(tokenizer) -> tuple[int, int]:
@@ -54,10 +53,7 @@ def build_tiny_t5(
         eos_token_id=eos,
         decoder_start_token_id=pad,
     )
-    # Init under a forked RNG so building a model never moves the caller's global stream.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return T5ForConditionalGeneration(config)
+    return seeded(T5ForConditionalGeneration, seed, config)
 
 
 def load_seq2seq(
@@ -85,19 +81,12 @@ def load_seq2seq(
     _special_ids(tokenizer)
     model = AutoModelForSeq2SeqLM.from_pretrained(
         name_or_path,
-        dtype=_dtype(dtype),
+        dtype=dtype_of(dtype),
         trust_remote_code=False,
         use_safetensors=True,
         local_files_only=local_files_only,
     )
-    if model.get_input_embeddings().num_embeddings < len(tokenizer):
-        model.resize_token_embeddings(len(tokenizer))
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
+    fit_to_tokenizer(model, tokenizer)
     if model.config.decoder_start_token_id is None:
         model.config.decoder_start_token_id = tokenizer.pad_token_id
-    if lora:
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(task_type="SEQ_2_SEQ_LM", **dict(lora)))
-    return model
+    return add_lora(model, lora, "SEQ_2_SEQ_LM")

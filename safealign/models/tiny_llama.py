@@ -7,10 +7,9 @@ partitioning, export gathering) meet the same module layout as a Llama-3 / Mistr
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-from safealign.models.lm import _check_memory_options, _checkpoint_activations
+from safealign.models.build import build_from_config, causal_token_ids, check_memory_options
 
 
 def build_tiny_llama(
@@ -33,7 +32,7 @@ def build_tiny_llama(
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    _check_memory_options(gradient_checkpointing, attn_implementation)
+    check_memory_options(gradient_checkpointing, attn_implementation)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -44,14 +43,7 @@ def build_tiny_llama(
         max_position_embeddings=max_position_embeddings,
         rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
         tie_word_embeddings=False,  # as Llama: lm_head is its own (shardable) matrix
-        bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
         attn_implementation=attn_implementation,
+        **causal_token_ids(tokenizer),
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-    if gradient_checkpointing:
-        _checkpoint_activations(model)
-    return model
+    return build_from_config(LlamaForCausalLM, config, seed, gradient_checkpointing)

@@ -6,14 +6,16 @@ additional special token, so it is never split into sub-words (a silent-tokenisa
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from safealign.cache import FileCache, FileFormat, content_key
 from safealign.data.control import TOXIC
 from safealign.errors import ConfigError
-from safealign.io import atomic_path, stable_hash
+from safealign.io import stable_hash
 from safealign.models.checks import (
     KEY,
     check_model_dir,
@@ -87,20 +89,34 @@ def _capped(texts: list[str]) -> Iterator[str]:
         )
 
 
-def _read_cached(path: Path):
-    """The cached tokenizer at `path`, or None (with a warning naming it) when it is unreadable
-    or lacks the special tokens: a truncated or corrupt file is retrained, never used."""
+def _save_bpe(path: Path, tok, meta: dict[str, str]) -> None:
+    entry = meta | {"tokenizer": json.loads(tok.to_str())}
+    path.write_text(json.dumps(entry, ensure_ascii=False, sort_keys=True), encoding="utf-8")
+
+
+def _load_bpe(path: Path):
     from tokenizers import Tokenizer
 
-    try:
-        tok = Tokenizer.from_file(str(path))
-    except Exception as err:  # tokenizers raises a bare Exception on malformed JSON
-        log.warning("cached tokenizer %s is unreadable (%s); retraining it", path, err)
-        return None
-    if tok.token_to_id(EOS) is None or tok.token_to_id(PAD) is None:
-        log.warning("cached tokenizer %s lacks %s/%s; retraining it", path, EOS, PAD)
-        return None
-    return tok
+    entry = json.loads(path.read_text(encoding="utf-8"))
+    tok = Tokenizer.from_str(json.dumps(entry["tokenizer"]))  # raises on a malformed tokenizer
+    return tok, {k: entry[k] for k in ("key", "sha256") if k in entry}
+
+
+def _bpe_sha256(tok) -> str:
+    """sha256 of the tokenizer's canonical JSON (vocab, merges, specials, pre-tokenizer...)."""
+    return stable_hash(json.loads(tok.to_str()), length=64)
+
+
+def _lacks_specials(tok) -> str | None:
+    missing = [t for t in (EOS, PAD) if tok.token_to_id(t) is None]
+    return f"lacks {'/'.join(missing)}" if missing else None
+
+
+# One JSON file per key: {"key", "sha256", "tokenizer": <tokenizers JSON>}; a truncated, corrupt
+# or foreign file is retrained (with a warning naming it), never used.
+_CACHE = FileCache(
+    FileFormat(_save_bpe, _load_bpe, _bpe_sha256), "cached tokenizer", "retraining it"
+)
 
 
 def _train_bpe(texts: list[str], vocab_size: int, min_frequency: int):
@@ -137,14 +153,11 @@ def train_bpe_tokenizer(
     texts = list(texts)
     if not texts:
         raise ConfigError("model.tokenizer", "cannot train a tokenizer on an empty corpus")
-    key = stable_hash(texts, vocab_size, min_frequency, "bpe-v1")
+    key = content_key(texts, vocab_size, min_frequency, "bpe-v1")
     cached = Path(cache_dir) / f"bpe-{key}.json" if cache_dir else None
-    tok = _read_cached(cached) if cached is not None and cached.exists() else None
-    if tok is None:
-        tok = _train_bpe(texts, vocab_size, min_frequency)
-        if cached is not None:
-            with atomic_path(cached) as tmp:
-                tok.save(str(tmp))
+    tok = _CACHE.get_or_compute(
+        cached, key, lambda: _train_bpe(texts, vocab_size, min_frequency), _lacks_specials
+    )
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD)
     return _finish(fast, chat_template)
 
@@ -161,7 +174,7 @@ def load_tokenizer(
 
     Args:
         name_or_path: a local model dir, or a hub id when `local_files_only` is false.
-        texts: unused (every tokenizer factory is handed the corpus by `safealign.run.build`).
+        texts: unused (every tokenizer factory is handed the corpus by `safealign.fit.build`).
         local_files_only: read only local files (`model.lm.local_files_only`).
         require_model: also check the dir's config.json and safetensors headers. The tokenizer
             is built first, so a broken model dir fails here, before any module or data work.

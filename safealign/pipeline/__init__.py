@@ -1,4 +1,4 @@
-"""ADPO preference-data pipeline (METHODS.md A.2): generation -> annotation -> triples.
+"""ADPO preference-data pipeline (docs/methods.md A.2): generation -> annotation -> triples.
 
-Submodules are imported lazily by their users (``safealign.pipeline.judge``); nothing heavy here.
+Submodules are imported lazily by their users (``safealign.pipeline.adpo``); nothing heavy here.
 """

@@ -1,4 +1,4 @@
-"""The ADPO pipeline end to end (issue 4; METHODS.md A.1, A.2, A.5), every stage cached.
+"""The ADPO pipeline end to end (issue 4; docs/methods.md A.1, A.2, A.5), every stage cached.
 
 sft (SFT with ``[TOXIC]``) -> generate (T=1.0, 1.5 and a ``[TOXIC]`` sample per train prompt)
 -> judge (triples x, y_w, y_l, y_t) -> dpo and adpo (preference training from the SFT model)
@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from safealign.errors import ConfigError
 from safealign.generation import SamplingConfig
-from safealign.io import file_hash, stable_hash
+from safealign.io import stable_hash
 from safealign.pipeline.adpo_stages import (
     GENERATIONS,
     TRIPLES,
@@ -36,10 +34,10 @@ from safealign.pipeline.adpo_stages import (
     prompt_sets,
     sampling_config,
 )
-from safealign.pipeline.stages import hf_model_config, run_fit_stage, stage_config
-from safealign.pipeline.store import ArtifactStore
+from safealign.pipeline.stages import StageRunner, hf_model_config, stage_config
+from safealign.pipeline.summary import write_summary
+from safealign.utils import record_run
 
-log = logging.getLogger("safealign.pipeline")
 STAGES = ("sft", "generate", "judge", "dpo", "adpo", "evaluate")
 DEPS = {
     "generate": ("sft",),
@@ -86,74 +84,10 @@ def needed_stages(targets: list[str] | None, given: dict[str, str]) -> list[str]
     return [s for s in STAGES if s in out]
 
 
-def portable(obj, subs: dict[str, str]):
-    """``obj`` with every string that starts with a path in ``subs`` rewritten to its token, so a
-    key names inputs by hash, not by where the artefact store or a given file happens to be."""
-    if isinstance(obj, dict):
-        return {k: portable(v, subs) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [portable(v, subs) for v in obj]
-    if isinstance(obj, str):
-        for prefix, token in subs.items():
-            if obj == prefix or obj.startswith(prefix.rstrip("/") + "/"):
-                return token + obj[len(prefix) :]
-    return obj
-
-
-class _Runner:
-    """Bookkeeping of one pipeline run: the store, each stage's output path, hash and status."""
-
-    def __init__(self, cfg: DictConfig, given: dict[str, str]):
-        self.cfg, self.store = cfg, ArtifactStore(cfg.paths.artifacts_dir)
-        self.result = PipelineResult()
-        self.paths: dict[str, Path] = {}  # stage -> its output (model dir or JSONL file)
-        self.hashes: dict[str, str] = {}  # stage -> what downstream keys name it by
-        root = str(cfg.paths.artifacts_dir)
-        self.subs = {root: "<artifacts>", str(Path(root).resolve()): "<artifacts>"}
-        for stage, path in given.items():
-            self._given(stage, Path(path))
-
-    def _given(self, stage: str, path: Path) -> None:
-        target = path / "model.safetensors" if OUTPUT[stage] == "model" else path
-        if not target.is_file():
-            raise ConfigError(f"pipeline.inputs.{stage}", f"{target} does not exist")
-        h = "given-" + file_hash(target)
-        self.subs[str(path)] = f"<{h}>"
-        self.paths[stage], self.hashes[stage] = path, h
-        self.result.dirs[stage], self.result.statuses[stage] = path.parent, "given"
-        print(f"[pipeline] stage {stage:<14} given    {path}", flush=True)
-
-    def run(self, stage: str, key: dict, compute, label: str | None = None) -> Path:
-        """get_or_compute with a portable key; records and prints the status under ``label``."""
-        t0 = time.perf_counter()
-        d, status = self.store.get_or_compute(stage, portable(key, self.subs), compute)
-        self._record(label or stage, d, status, t0)
-        return d
-
-    def fit(self, stage: str, scfg: DictConfig) -> Path:
-        """A training stage (sft, dpo, adpo): key = its resolved stage config, input paths
-        rewritten to their hashes (the SFT model dir and the triples file)."""
-        t0 = time.perf_counter()
-        d, status = run_fit_stage(self.cfg, stage, scfg, lambda k: portable(k, self.subs))
-        self._record(stage, d, status, t0)
-        return d
-
-    def _record(self, stage: str, d: Path, status: str, t0: float) -> None:
-        name = stage.split("/")[0]
-        if name in OUTPUT:
-            self.paths[name], self.hashes[name] = d / OUTPUT[name], d.name
-        self.result.dirs[stage], self.result.statuses[stage] = d, status
-        self.result.seconds[stage] = round(time.perf_counter() - t0, 2)
-        print(
-            f"[pipeline] stage {stage:<14} {status:<8} {self.result.seconds[stage]:7.1f}s  {d}",
-            flush=True,
-        )
-
-
 def preference_config(cfg: DictConfig, node: DictConfig | None, sft: Path, triples: Path):
     """The adpo stage is the run config itself (method, trainer, data options); dpo swaps in
     ``pipeline.dpo`` (its method and any other overrides). Both start from the SFT model and
-    train on the judged triples (METHODS.md A.2 step 5)."""
+    train on the judged triples (docs/methods.md A.2 step 5)."""
     data = OmegaConf.to_container(cfg.data, resolve=True)  # may interpolate init.*, not kept
     if not isinstance(data.get("source"), dict) or "path" not in data["source"]:
         raise ConfigError("data.source", "the pipeline needs a file source (data=jsonl)")
@@ -172,7 +106,7 @@ def _settings(s: SamplingConfig) -> dict:
 
 
 def _check_placement(cfg: DictConfig, toxic: SamplingConfig) -> None:
-    # METHODS.md A.1: one placement for SFT, for sampling y_t and for the pi_t log-probs.
+    # docs/methods.md A.1: one placement for SFT, for sampling y_t and for the pi_t log-probs.
     sft = cfg.init.data.get("control_placement", "end")
     for key, value in (
         ("pipeline.generate.toxic.placement", toxic.placement),
@@ -180,6 +114,62 @@ def _check_placement(cfg: DictConfig, toxic: SamplingConfig) -> None:
     ):
         if value != sft:
             raise ConfigError(key, f"{value!r} differs from init.data.control_placement {sft!r}")
+
+
+def _prompts(cfg: DictConfig, todo: list[str], max_train: int, max_test: int):
+    if not {"generate", "evaluate"} & set(todo):
+        return [], []
+    return prompt_sets(cfg.init.data.source, int(max_train), int(max_test))
+
+
+def _train_stages(r: StageRunner, cfg: DictConfig, todo: list[str], prompts: list[str], sampling,
+                  judge: DictConfig, dpo: DictConfig) -> None:  # fmt: skip
+    """sft -> generate -> judge -> dpo, adpo (docs/methods.md A.2 steps 1-5), those in ``todo``."""
+    normal, toxic = sampling
+    if "sft" in todo:
+        r.fit("sft", stage_config(cfg, cfg.init))
+    if "generate" in todo:
+        key = {
+            "sft": r.hashes["sft"],
+            "prompts": stable_hash(prompts),
+            "seed": cfg.seed,
+            "normal": _settings(normal),
+            "toxic": _settings(toxic),
+        }
+        r.run(
+            "generate",
+            key,
+            lambda tmp: generate_stage(r.paths["sft"], prompts, normal, toxic, cfg.seed, tmp),
+        )
+    if "judge" in todo:
+        key = {"generate": r.hashes["generate"], "judge": OmegaConf.to_container(judge)}
+        r.run("judge", key, lambda tmp: judge_stage(judge, r.paths["generate"], tmp))
+    for stage, node in (("dpo", dpo), ("adpo", None)):
+        if stage in todo:
+            r.fit(stage, preference_config(cfg, node, r.paths["sft"], r.paths["judge"]))
+
+
+def _evaluate(r: StageRunner, cfg: DictConfig, test_rows: list[dict], evaluate: DictConfig):
+    """Each model sampled on the held-out test prompts and scored (A.5): one row per model."""
+    ev, table = OmegaConf.to_container(evaluate), []
+    for stage, name in MODELS.items():
+        key = {
+            "model": r.hashes[stage],
+            "name": name,
+            "prompts": stable_hash(test_rows),
+            "evaluate": ev,
+            "seed": cfg.seed,
+        }
+        d = r.run(
+            "evaluate",
+            key,
+            lambda tmp, s=stage, n=name: evaluate_stage(
+                n, r.paths[s], test_rows, evaluate, cfg.seed, tmp
+            ),
+            label=f"evaluate/{name}",
+        )
+        table.append(json.loads((d / "row.json").read_text(encoding="utf-8")))
+    return table
 
 
 def run_adpo_pipeline(
@@ -194,7 +184,7 @@ def run_adpo_pipeline(
     stages: list[str] | None = None,
     inputs: DictConfig | dict | None = None,
 ) -> PipelineResult:
-    """Run (or reuse) every needed stage; print per-stage status and the SFT/DPO/ADPO table.
+    """Run (or reuse) every needed stage, then write and log the SFT/DPO/ADPO table.
 
     Args:
         cfg: the run config (``init`` = SFT stage, top-level method/data/trainer = ADPO stage).
@@ -210,9 +200,6 @@ def run_adpo_pipeline(
     Returns:
         A :class:`PipelineResult`; its ``objective`` is ADPO's ``cfg.optimized_metric``.
     """
-    from safealign.pipeline.demo import write_summary
-    from safealign.utils import record_run
-
     if torch_threads:
         torch.set_num_threads(int(torch_threads))
     out_dir = Path(cfg.paths.output_dir)
@@ -221,53 +208,17 @@ def run_adpo_pipeline(
     todo = needed_stages(list(stages) if stages else None, given)
     normal, toxic = sampling_config(generate.normal), sampling_config(generate.toxic)
     _check_placement(cfg, toxic)
-    r = _Runner(cfg, given)
-    if {"generate", "evaluate"} & set(todo):
-        train_prompts, test_rows = prompt_sets(
-            cfg.init.data.source, int(max_prompts), int(evaluate.max_prompts)
-        )
-    if "sft" in todo:
-        r.fit("sft", stage_config(cfg, cfg.init))
-    if "generate" in todo:
-        key = {
-            "sft": r.hashes["sft"],
-            "prompts": stable_hash(train_prompts),
-            "seed": cfg.seed,
-            "normal": _settings(normal),
-            "toxic": _settings(toxic),
-        }
-        r.run(
-            "generate",
-            key,
-            lambda tmp: generate_stage(r.paths["sft"], train_prompts, normal, toxic, cfg.seed, tmp),
-        )
-    if "judge" in todo:
-        key = {"generate": r.hashes["generate"], "judge": OmegaConf.to_container(judge)}
-        r.run("judge", key, lambda tmp: judge_stage(judge, r.paths["generate"], tmp))
-    for stage, node in (("dpo", dpo), ("adpo", None)):
-        if stage in todo:
-            r.fit(stage, preference_config(cfg, node, r.paths["sft"], r.paths["judge"]))
-    if "evaluate" in todo:
-        ev = OmegaConf.to_container(evaluate)
-        for stage, name in MODELS.items():
-            key = {
-                "model": r.hashes[stage],
-                "name": name,
-                "prompts": stable_hash(test_rows),
-                "evaluate": ev,
-                "seed": cfg.seed,
-            }
-            d = r.run(
-                "evaluate",
-                key,
-                lambda tmp, s=stage, n=name: evaluate_stage(
-                    n, r.paths[s], test_rows, evaluate, cfg.seed, tmp
-                ),
-                label=f"evaluate/{name}",
-            )
-            r.result.table.append(json.loads((d / "row.json").read_text(encoding="utf-8")))
+    r = StageRunner(cfg, OUTPUT)
+    for stage, path in given.items():
+        r.given(stage, Path(path))
+    train_prompts, test_rows = _prompts(cfg, todo, max_prompts, evaluate.max_prompts)
+    _train_stages(r, cfg, todo, train_prompts, (normal, toxic), judge, dpo)
+    table = _evaluate(r, cfg, test_rows, evaluate) if "evaluate" in todo else []
     metric = cfg.get("optimized_metric")
-    adpo_row = next((row for row in r.result.table if row["model"] == "ADPO"), {})
-    r.result.objective = adpo_row.get(metric) if metric else None
-    write_summary(out_dir, [r.result])
-    return r.result
+    adpo_row = next((row for row in table if row["model"] == "ADPO"), {})
+    result = PipelineResult(
+        statuses=r.statuses, dirs=r.dirs, table=table, seconds=r.seconds,
+        objective=adpo_row.get(metric) if metric else None,
+    )  # fmt: skip
+    write_summary(out_dir, [result])
+    return result

@@ -69,7 +69,7 @@ def generate_stage(model_dir: Path, prompts: list[str], normal, toxic, seed: int
 
 def judge_stage(judge_cfg: DictConfig, generations: Path, tmp: Path) -> None:
     """Annotate the generations into triples; stats and per-prompt records beside them (A.2)."""
-    from safealign.pipeline.judge import save_judgements
+    from safealign.annotate.rows import save_judgements
 
     rows = [json.loads(line) for line in generations.read_text(encoding="utf-8").splitlines()]
     judge = instantiate(judge_cfg)
@@ -111,7 +111,7 @@ def evaluate_stage(
 
 def llm_judge(
     name_or_path: str,
-    template: str,
+    template: str | None,
     chat_template: bool = True,
     max_new_tokens: int = 32,
     batch_size: int = 8,
@@ -119,8 +119,9 @@ def llm_judge(
     randomize_order: bool = True,
     seed: int = 0,
 ):
-    """``judge=llm``: an LLMJudge over a local chat model (greedy replies, METHODS.md A.2)."""
-    from safealign.pipeline.judge import LLMJudge, hf_generate_fn
+    """``judge=llm``: an LLMJudge over a local chat model (greedy replies, docs/methods.md A.2)."""
+    from safealign.annotate.hf import hf_generate_fn
+    from safealign.annotate.llm import LLMJudge
 
     model, tokenizer = _load(Path(name_or_path))
     fn = hf_generate_fn(model, tokenizer, max_new_tokens, batch_size, chat_template)

@@ -1,4 +1,6 @@
-"""Stage runners shared by `train.py` experiments and the ADPO pipeline.
+"""The stage runner shared by `train.py` experiments (the `init` SFT stage), the ADPO pipeline
+and the demos: it runs or reuses each stage in the artefact store and is the one place that
+reports a stage's status.
 
 A stage config is the run config with some groups swapped (e.g. `init.data`, `init.method`); its
 cache key is the resolved stage config minus where outputs go, so a β:γ sweep on the
@@ -9,17 +11,23 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from safealign.io import DigestCache
+from safealign.cache import DigestCache, without_cache_dirs
+from safealign.errors import ConfigError
+from safealign.fit import fit
+from safealign.io import file_hash
 from safealign.pipeline.store import ArtifactStore, attempt
 from safealign.utils import rank_zero, seed_everything
 
-log = logging.getLogger("safealign.pipeline")
+log = logging.getLogger(__name__)
 REPLACED = ("data", "method", "model")
+# Keys of a run config that describe its stages, not one stage: no stage config carries them.
+STAGE_KEYS = ("init", "pipeline")
 # Config keys whose existing paths are inputs: their content, not only their name, keys a stage.
 INPUT_KEYS = ("path", "paths", "data_dir", "files", "name_or_path")
 DIGESTS = ".digests.json"  # input sha256s by (path, size, mtime) under the store root
@@ -30,7 +38,7 @@ def stage_config(cfg: DictConfig, stage: DictConfig) -> DictConfig:
     """The run config with the stage's groups swapped in: `data`, `method` and `model` REPLACE the
     run's (their keys differ per class), `trainer` and anything else are merged as overrides."""
     base = OmegaConf.to_container(cfg, resolve=False)
-    for k in ("init", "pipeline", "isaac_demo"):
+    for k in STAGE_KEYS:
         base.pop(k, None)
     stage = OmegaConf.to_container(stage, resolve=False)
     for group in REPLACED:
@@ -51,7 +59,7 @@ def stage_key(cfg: DictConfig) -> dict:
     c.get("trainer", {}).pop("callbacks", None)
     c.get("trainer", {}).pop("logger", None)
     c.get("trainer", {}).pop("enable_progress_bar", None)
-    c = _drop_cache_dirs(c)
+    c = without_cache_dirs(c)
     digests = DigestCache(Path(root) / DIGESTS if root else None)
     inputs = {name: digests.content(p) for name, p in input_paths(c)}
     digests.save()
@@ -91,16 +99,6 @@ def _existing(p, key: str) -> Path | None:
     return None
 
 
-def _drop_cache_dirs(obj):
-    # Caches (tokenizers, reference log-probs) are content-keyed: where they live never changes a
-    # stage's outputs, so a fresh clone elsewhere or a tmp cache dir reuses the same artefacts.
-    if isinstance(obj, dict):
-        return {k: _drop_cache_dirs(v) for k, v in obj.items() if k != "cache_dir"}
-    if isinstance(obj, list):
-        return [_drop_cache_dirs(v) for v in obj]
-    return obj
-
-
 HF_LOADER = "safealign.models.load_causal_lm"
 TOKENIZER_LOADER = "safealign.models.load_tokenizer"
 # load_causal_lm options that describe HOW to train, not which weights: they survive a hand-off.
@@ -131,10 +129,9 @@ def hf_model_config(path: Path, model: DictConfig | None = None) -> DictConfig:
     return OmegaConf.create({"name_or_path": path, "tokenizer": tok, "lm": lm})
 
 
-def run_init_stage(cfg: DictConfig) -> tuple[Path, str]:
+def run_init_stage(cfg: DictConfig) -> Path:
     """Run (or reuse) the SFT stage described by `cfg.init`; returns its exported model dir."""
-    out, status = run_fit_stage(cfg, "sft", stage_config(cfg, cfg.init))
-    return out / "model", status
+    return StageRunner(cfg).fit("sft", stage_config(cfg, cfg.init)) / "model"
 
 
 def run_fit_stage(
@@ -142,8 +139,6 @@ def run_fit_stage(
 ) -> tuple[Path, str]:
     """Fit `scfg` (a stage config) in the artefact store under `stage`; returns (stage dir,
     "reused" | "computed"). `key_fn` may rewrite the key (e.g. input paths -> their hashes)."""
-    from safealign.run import fit  # local: run imports this module
-
     store = ArtifactStore(cfg.paths.artifacts_dir)
 
     def compute(work: Path) -> None:
@@ -160,6 +155,77 @@ def run_fit_stage(
 
     key = stage_key(scfg)
     return store.get_or_compute(stage, key_fn(key) if key_fn else key, compute)
+
+
+def portable(obj, subs: dict[str, str]):
+    """``obj`` with every string that starts with a path in ``subs`` rewritten to its token, so a
+    key names inputs by hash, not by where the artefact store or a given file happens to be."""
+    if isinstance(obj, dict):
+        return {k: portable(v, subs) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [portable(v, subs) for v in obj]
+    if isinstance(obj, str):
+        for prefix, token in subs.items():
+            if obj == prefix or obj.startswith(prefix.rstrip("/") + "/"):
+                return token + obj[len(prefix) :]
+    return obj
+
+
+class StageRunner:
+    """One run's stages: each is computed or reused in the artefact store under a portable key,
+    recorded (status "computed" | "reused" | "given", dir, seconds) and reported in one line.
+
+    ``outputs`` maps a stage to its output inside the stage dir (``"model"``, a JSONL file):
+    downstream stages read ``paths[stage]`` and name it in their keys by ``hashes[stage]``."""
+
+    def __init__(self, cfg: DictConfig, outputs: dict[str, str] | None = None):
+        self.cfg, self.store = cfg, ArtifactStore(cfg.paths.artifacts_dir)
+        self.outputs = outputs or {}
+        self.statuses: dict[str, str] = {}
+        self.dirs: dict[str, Path] = {}
+        self.seconds: dict[str, float] = {}
+        self.paths: dict[str, Path] = {}  # stage -> its output (model dir or JSONL file)
+        self.hashes: dict[str, str] = {}  # stage -> what downstream keys name it by
+        root = str(cfg.paths.artifacts_dir)
+        self.subs = {root: "<artifacts>", str(Path(root).resolve()): "<artifacts>"}
+
+    def given(self, stage: str, path: Path) -> None:
+        """An output given explicitly instead of computed; keys name it by its content hash."""
+        target = path / "model.safetensors" if self.outputs.get(stage) == "model" else path
+        if not target.is_file():
+            raise ConfigError(f"pipeline.inputs.{stage}", f"{target} does not exist")
+        h = "given-" + file_hash(target)
+        self.subs[str(path)] = f"<{h}>"
+        self.paths[stage], self.hashes[stage] = path, h
+        self.dirs[stage], self.statuses[stage] = path.parent, "given"
+        _report(stage, "given", None, path)
+
+    def run(self, stage: str, key: dict, compute, label: str | None = None) -> Path:
+        """``store.get_or_compute`` under the portable ``key``; recorded under ``label``."""
+        t0 = time.perf_counter()
+        d, status = self.store.get_or_compute(stage, portable(key, self.subs), compute)
+        self._record(label or stage, d, status, t0)
+        return d
+
+    def fit(self, stage: str, scfg: DictConfig) -> Path:
+        """A training stage: key = its resolved stage config, input paths as their hashes."""
+        t0 = time.perf_counter()
+        d, status = run_fit_stage(self.cfg, stage, scfg, lambda k: portable(k, self.subs))
+        self._record(stage, d, status, t0)
+        return d
+
+    def _record(self, label: str, d: Path, status: str, t0: float) -> None:
+        name = label.split("/")[0]
+        if name in self.outputs:
+            self.paths[name], self.hashes[name] = d / self.outputs[name], d.name
+        self.dirs[label], self.statuses[label] = d, status
+        self.seconds[label] = round(time.perf_counter() - t0, 2)
+        _report(label, status, self.seconds[label], d)
+
+
+def _report(stage: str, status: str, seconds: float | None, where: Path) -> None:
+    took = "-" if seconds is None else f"{seconds:.1f}s"
+    log.info("stage %-14s %-8s %8s  %s", stage, status, took, where)
 
 
 def _stage_checkpoint(s: DictConfig, work: Path) -> str | None:

@@ -17,38 +17,29 @@ DONE (a manifest; files of 64 MiB and more get a sampled digest, see `io.file_re
 reuse checks them first. A stage that fails the check is moved to `<root>/.corrupt/` with a
 warning naming the file and recomputed. A job killed after its compute finished but before the
 rename leaves a sealed work dir; the next job verifies it and commits it without recomputing.
+
+Key, lock and manifest are `safealign.cache`'s, shared with every other cache; this module adds
+what a directory computed by several ranks needs (work dir, OWNER, DONE, rank-aware waits).
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
 import os
 import shutil
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 from safealign import ranks
-from safealign.io import file_record, read_json, stable_hash, verify_record, write_json
+from safealign.cache import content_key, dir_manifest, locked, manifest_problem
+from safealign.io import read_json, write_json
 from safealign.utils import rank_zero
 
 log = logging.getLogger("safealign.pipeline")
 DONE, OWNER = "DONE.json", "OWNER.json"
 WAIT_S = 48 * 3600.0  # rank 0 may queue behind another job's whole stage before it starts ours
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def owner(work: Path) -> dict | None:
@@ -90,8 +81,7 @@ def _wait(ready: Callable[[], bool], timeout_s: float, what: str) -> None:
 
 def manifest(d: Path) -> dict[str, dict]:
     """Relative path -> size and sha256 (`io.file_record`) of every file in `d` but DONE."""
-    files = sorted(p for p in d.rglob("*") if p.is_file())
-    return {p.relative_to(d).as_posix(): file_record(p) for p in files if p != d / DONE}
+    return dir_manifest(d, skip=d / DONE)
 
 
 def _drop_temp_files(d: Path) -> None:
@@ -108,11 +98,11 @@ class ArtifactStore:
         self._checked: dict[Path, tuple[tuple[int, int], str | None]] = {}
 
     def path(self, stage: str, key: dict) -> Path:
-        return self.root / stage / stable_hash(key)
+        return self.root / stage / content_key(key)
 
     def work_dir(self, stage: str, key: dict) -> Path:
         """Where the stage is built: one per key, the same for every rank and every requeue."""
-        return self.root / ".work" / f"{stage}-{stable_hash(key)}"
+        return self.root / ".work" / f"{stage}-{content_key(key)}"
 
     def get_or_compute(
         self,
@@ -126,14 +116,12 @@ class ArtifactStore:
         A committed stage is reused only if its files match the manifest recorded at commit.
         Non-zero ranks raise TimeoutError after `wait_timeout_s` without a sign of rank 0."""
         final, work = self.path(stage, key), self.work_dir(stage, key)
-        if self.intact(final):
-            log.info("stage %-10s reused   %s", stage, final)
+        if self.intact(final):  # status lines: the stage runner's alone (pipeline/stages.py)
             return final, "reused"
         if not rank_zero():
             return self._follow(final, work, compute, wait_timeout_s)
-        with _locked(self.root / ".locks" / f"{stage}-{final.name}.lock"):
+        with locked(self.root / ".locks" / f"{stage}-{final.name}.lock"):
             if self.intact(final):  # another job computed it while we waited
-                log.info("stage %-10s reused   %s", stage, final)
                 return final, "reused"
             final.parent.mkdir(parents=True, exist_ok=True)
             if (final / DONE).exists():  # committed, but its files no longer match
@@ -146,7 +134,6 @@ class ArtifactStore:
             if final.exists():  # a stale incomplete dir without DONE: replace it
                 shutil.rmtree(final)
             os.replace(work, final)
-        log.info("stage %-10s computed %s", stage, final)
         return final, "computed"
 
     def intact(self, final: Path) -> bool:
@@ -224,7 +211,4 @@ def _verify(d: Path) -> str | None:
         log.warning("%s has no manifest (committed before issue 14): reused UNVERIFIED; delete "
                     "it to recompute", d)  # fmt: skip
         return None
-    for rel, rec in files.items():
-        if (why := verify_record(d / rel, rec)) is not None:
-            return f"{d / rel}: {why}"
-    return None
+    return manifest_problem(d, files)
