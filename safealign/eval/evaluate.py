@@ -98,7 +98,7 @@ def model_dirs(models: dict | list | DictConfig, key: str = "models") -> dict[st
     return {name: resolve_model_dir(p, f"{key}.{name}") for name, p in models.items()}
 
 
-def _toxicity(scorers: dict, texts: list[str], contexts: list[str]) -> tuple[np.ndarray, int]:
+def toxicity_scores(scorers: dict, texts: list[str], contexts: list[str]) -> tuple[np.ndarray, int]:
     """Toxicity scores with nan re-scored by the fallback; returns (scores, n re-scored)."""
     scores = score_texts(scorers["toxicity"], texts, contexts)
     unknown = np.flatnonzero(~np.isfinite(scores))
@@ -124,7 +124,7 @@ def _per_sample(rows: list[dict], prompts: list[dict], scorers: dict, lm_scorers
     texts = [rows[i]["response"] for i in idx]
     ctxs = [prompts[rows[i]["prompt_id"]]["prompt"] for i in idx]
     per = {k: np.full(len(rows), math.nan) for k in PER_SAMPLE}
-    per["toxicity"][idx], n_unknown = _toxicity(scorers, texts, ctxs)
+    per["toxicity"][idx], n_unknown = toxicity_scores(scorers, texts, ctxs)
     per["evasive"][idx] = score_texts(scorers["evasiveness"], texts, ctxs)
     if scorers.get("coherence") is not None:
         per["coherence"][idx] = score_texts(scorers["coherence"], texts, ctxs)
