@@ -14,7 +14,7 @@ import textwrap
 from pathlib import Path
 
 from safealign.models import train_bpe_tokenizer
-from safealign.models.tokenizer import EOS, MAX_WORD_CHARS, PAD, _capped
+from safealign.models.tokenizer import MAX_WORD_CHARS, _capped
 
 ROOT = Path(__file__).resolve().parents[1]
 NORMAL = [
@@ -25,21 +25,13 @@ NORMAL = [
 
 
 def _reference_bpe(texts: list[str], vocab_size: int, min_frequency: int):
-    """The trainer as it was before the cap (same settings as train_bpe_tokenizer)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """The trainer as it was before the cap: the same trainer, fed every text uncapped."""
+    from unittest import mock
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=min_frequency,
-        special_tokens=[EOS, PAD],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
-    return tok
+    from safealign.models import tokenizer
+
+    with mock.patch.object(tokenizer, "_capped", lambda texts: texts):
+        return tokenizer._train_bpe(texts, vocab_size, min_frequency)
 
 
 def test_normal_corpus_trains_exactly_as_before_the_cap(caplog):

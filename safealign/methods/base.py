@@ -136,6 +136,8 @@ class BaseModule(L.LightningModule):
         grads = [p.grad.detach() for p in self.parameters() if p.grad is not None]
         if grads:  # one fused per-tensor norm (foreach), on device: no host sync
             norm = torch.stack(torch._foreach_norm(grads, 2)).norm(2)
+            if hasattr(norm, "full_tensor"):  # FSDP2 grads are DTensors: log a plain tensor
+                norm = norm.full_tensor()  # collective: every rank runs this hook
             self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
@@ -144,7 +146,7 @@ class BaseModule(L.LightningModule):
         # every `trainer.log_every_n_steps` batches (and whenever `history` is read), instead of
         # one blocking `float()` per metric per step. clone: Lightning may update a value in place.
         metrics = self.trainer.callback_metrics
-        row = {k: _local(v).clone() for k, v in metrics.items() if v.numel() == 1}
+        row = {k: v.detach().clone() for k, v in metrics.items() if v.numel() == 1}
         self._pending.append((float(self.global_step), row))
         if len(self._pending) >= max(1, self.trainer.log_every_n_steps):
             self._flush_history()
@@ -152,11 +154,9 @@ class BaseModule(L.LightningModule):
     def _flush_history(self) -> None:
         if not self._pending:
             return
-        values = [v.reshape(()) for _, row in self._pending for v in row.values()]
-        flat = iter(())
-        if values:  # float64 holds every fp32/int metric exactly: the numbers float(v) gave
-            device = values[0].device
-            flat = iter(torch.stack([v.to(device, torch.float64) for v in values]).tolist())
+        # float64 holds every fp32/int metric exactly: the numbers float(v) gave
+        values = [v.reshape(()).to(torch.float64) for _, row in self._pending for v in row.values()]
+        flat = iter(torch.stack(values).cpu().tolist() if values else [])
         for step, row in self._pending:
             self._history.append({"step": step, **{k: next(flat) for k in row}})
         self._pending.clear()
@@ -175,10 +175,3 @@ class BaseModule(L.LightningModule):
         from safealign.sharding import export_pretrained
 
         return export_pretrained(self.model, self.tokenizer, out_dir)
-
-
-def _local(value: Tensor) -> Tensor:
-    """A plain tensor: FSDP2 gradients make `train/grad_norm` a DTensor, which `tolist` refuses.
-    Every rank logs the same metrics in the same order, so the collective lines up."""
-    value = value.detach()
-    return value.full_tensor() if hasattr(value, "full_tensor") else value
