@@ -27,11 +27,13 @@ def train(cfg: DictConfig) -> float | None:
     OmegaConf.resolve(cfg.paths)  # freeze hydra-runtime paths before stages copy the config
     if cfg.get("pipeline"):  # a multi-stage run (the ADPO pipeline) drives its own stages
         return instantiate(cfg.pipeline)(cfg).objective
+    from safealign.eval.in_run import plan_eval  # imports transformers: after that exit too
     from safealign.resume import (
         resolve_ckpt_path,  # imports Lightning: after the cached-pipeline exit
     )
 
     ckpt_path = resolve_ckpt_path(cfg)  # checked against this run's model before any work
+    evaluation = plan_eval(cfg)  # eval set and scorers loaded before any training (conf/eval)
     if cfg.get("init"):
         from safealign.pipeline.stages import hf_model_config, run_init_stage
 
@@ -40,7 +42,7 @@ def train(cfg: DictConfig) -> float | None:
             cfg.model = hf_model_config(model_dir, cfg.model)  # only the weights path changes
     record_run(cfg, out_dir)
     seed_everything(cfg.seed)
-    metrics = fit(cfg, out_dir, ckpt_path)
+    metrics = fit(cfg, out_dir, ckpt_path, evaluation)
     log.info("outputs in %s", out_dir)
     metric = cfg.get("optimized_metric")
     return metrics.get(metric) if metric else None

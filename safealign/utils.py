@@ -7,6 +7,9 @@ import os
 import re
 import subprocess
 import sys
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -49,8 +52,28 @@ SELF_PRINTING = ("lightning", "lightning.pytorch", "lightning.fabric", "transfor
 LATE_PRINTING = ("DeepSpeed",)
 
 
+# What the terminal still shows while a stage computes (inside `terminal_quiet`): its status lines.
+STAGE_LINES = ("safealign.pipeline.stages",)
+# One Counter per open `terminal_quiet` (innermost last): the warnings it kept off the terminal.
+# Process-wide, not a ContextVar: records logged from library threads must be quiet too.
+_QUIET: list[Counter] = []
+
+
 def _under(name: str, prefixes: tuple[str, ...]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+@contextmanager
+def terminal_quiet() -> Iterator[Counter]:
+    """While open, the terminal shows only stage lines and errors: a stage's training summary,
+    data statistics and warnings go to the run's log file alone (issue 11 item 5, a clean
+    `make demo` screen). Yields a Counter whose ``"warnings"`` the caller can report."""
+    counts: Counter = Counter()
+    _QUIET.append(counts)
+    try:
+        yield counts
+    finally:
+        _QUIET.remove(counts)
 
 
 class TerminalFilter(logging.Filter):
@@ -66,6 +89,9 @@ class TerminalFilter(logging.Filter):
             return True
         if not _under(record.name, ("safealign",)) or not rank_zero():
             return False
+        if _QUIET and not _under(record.name, STAGE_LINES):
+            _QUIET[-1]["warnings"] += record.levelno >= logging.WARNING
+            return False
         return record.levelno >= logging.WARNING or _under(record.name, self.show)
 
 
@@ -77,10 +103,31 @@ class TerminalFormatter(logging.Formatter):
         return msg if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {msg}"
 
 
+class TerminalHandler(logging.StreamHandler):
+    """A stream handler whose ``transient`` records (``extra={"transient": True}``, e.g. "stage
+    sft running") are overwritten in place by the next line on a TTY: one progress line per stage.
+    Elsewhere (a pipe, a file) they are ordinary lines."""
+
+    def __init__(self, stream=None) -> None:
+        super().__init__(stream)
+        self._pending = False  # a transient line is on screen
+
+    def emit(self, record: logging.LogRecord) -> None:
+        tty = getattr(self.stream, "isatty", lambda: False)()
+        if not tty:
+            return super().emit(record)
+        transient = getattr(record, "transient", False)
+        self.terminator = "" if transient else "\n"
+        if self._pending:
+            self.stream.write("\r\x1b[K")  # carriage return + erase line
+        self._pending = transient
+        super().emit(record)
+
+
 def terminal_handler(show: tuple[str, ...] | list[str] = TERMINAL) -> logging.Handler:
     """The one terminal handler (stdout), for Hydra's job_logging and the argparse entry points;
     the run's log file gets every record (conf/hydra/job_logging/safealign.yaml)."""
-    handler = logging.StreamHandler(sys.stdout)
+    handler = TerminalHandler(sys.stdout)
     handler.setFormatter(TerminalFormatter("%(message)s"))
     handler.addFilter(TerminalFilter(show))
     return handler

@@ -120,6 +120,14 @@ RULES: tuple[Rule, ...] = (
     _rule("sampler.m", at_least(1), "an integer >= 1 (targets per context)"),
     _rule("sampler.top_k", at_least(1), "an integer >= 1 (clusters kept)"),
     _rule("epochs_per_stage", at_least(1), "an integer >= 1"),
+    _rule("sampler.scale", lambda v: v in ("counts", "shares"), "counts or shares (B.2 step 8)"),
+    _rule("control_recall", unit_interval, "a number in [0, 1] (docs/methods.md A.1)"),
+    _rule("unsafe_share", optional(lambda v: _number(v) and 0 <= v < 1), "null or [0, 1)"),
+    # end-of-run evaluation (conf/eval, docs/methods.md A.6); its sampling sizes are above
+    _rule("eval.threshold", unit_interval, "a number in [0, 1] (toxicity scores are in [0, 1])"),
+    _rule("eval.lambda_evasive", non_negative, "a finite number >= 0"),
+    _rule("eval.n_boot", at_least(1), "an integer >= 1"),
+    _rule("eval.skip_prompts", optional(at_least(0)), "null or an integer >= 0"),
 )
 
 
@@ -156,7 +164,34 @@ def _prompt_fits(path: tuple[str, ...], node: DictConfig) -> RangeError | None:
     return None
 
 
-NODE_RULES = (_trainer_stops, _prompt_fits)
+# The eval node's keys (conf/eval/base.yaml): a misspelt one would otherwise be ignored silently.
+EVAL_KEYS = ("eval_set", "scorers", "sampling", "max_prompts", "skip_prompts", "threshold",
+             "n_boot", "lambda_evasive")  # fmt: skip
+EVAL_OPTIONAL = ("skip_prompts",)
+EVAL_SCORERS = ("toxicity", "evasiveness")  # the two terms of the safety objective
+
+
+def _eval_node(path: tuple[str, ...], node: DictConfig) -> RangeError | None:
+    if path != ("eval",):
+        return None
+    keys = [str(k) for k in node.keys()]
+    missing = [k for k in EVAL_KEYS if k not in keys and k not in EVAL_OPTIONAL]
+    if missing:
+        return _error((*path, missing[0]), "<missing>", "a required key (conf/eval/base.yaml)")
+    unknown = [k for k in keys if k not in EVAL_KEYS]
+    if unknown:
+        return _error((*path, unknown[0]), _read(node, unknown[0]), f"one of {EVAL_KEYS}")
+    scorers = _read(node, "scorers")
+    for key in EVAL_SCORERS:
+        if not isinstance(scorers, DictConfig) or not isinstance(_read(scorers, key), DictConfig):
+            return _error((*path, "scorers", key), None, "a scorer node (conf/scorer/*)")
+    eval_set = _read(node, "eval_set")  # `???` is check_required's to report
+    if eval_set is not _SKIP and not isinstance(eval_set, DictConfig):
+        return _error((*path, "eval_set"), eval_set, "an eval set node (conf/eval_set/*)")
+    return None
+
+
+NODE_RULES = (_trainer_stops, _prompt_fits, _eval_node)
 
 
 def _error(path: tuple[str, ...], value: Any, allowed: str) -> RangeError:

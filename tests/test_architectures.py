@@ -71,7 +71,7 @@ def _run(script: str, run_dir: Path, cache: Path, *overrides: str) -> subprocess
 def _train_args(arch: str, model_dir: Path) -> list[str]:
     targets = ",".join(ARCHS[arch][1])
     lora = f"model.lm.lora={{r:4,lora_alpha:8,target_modules:[{targets}]}}"
-    return ["model=hf", f"model.name_or_path={model_dir}", lora, *SMALL]
+    return ["model=hf", f"model.name_or_path={model_dir}", lora, *SMALL, "eval=none"]
 
 
 Jobs = dict[tuple[str, str], tuple]  # (arch, stage) -> _run's arguments

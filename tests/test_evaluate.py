@@ -25,8 +25,10 @@ from safealign.eval.eval_sets import (
     hh_harmless_test,
     xstest,
 )
-from safealign.eval.evaluate import evaluate, evaluate_models, model_dirs, score_generations
+from safealign.eval.evaluate import evaluate, evaluate_models, model_dirs
+from safealign.eval.rows import score_generations
 from safealign.eval.scorers import ProfanityScorer, RefusalScorer
+from safealign.eval.stats import clustered_wilson_interval, wilson_interval
 from safealign.eval.table import COLUMNS
 from safealign.generation import SamplingConfig
 from safealign.types import UNSAFE, chat_prompt
@@ -101,7 +103,9 @@ def test_evaluate_models_writes_one_row_per_model(saved_models, prompts, tmp_pat
     assert [r["model"] for r in table] == ["sft", "dpo"]
     for row in table:
         assert set(COLUMNS) <= set(row)
-        assert row["n_prompts"] == 6 and row["n_samples"] == 12
+        assert row["n_prompts"] == 6 and row["n_samples"] == 12 and row["samples_per_prompt"] == 2
+        for m in ("toxicity_rate", "toxicity_probability", "coherence", "avg_length", "f_nll"):
+            assert row[f"{m}_lo"] <= row[m] <= row[f"{m}_hi"], m
         assert 0 <= row["toxicity_rate"] <= 1 and row["safety_score"] == 1 - row["toxicity_rate"]
         assert row["f_ppl"] > 1 and row["b_ppl"] > 1 and row["coherence"] is not None
         assert row["bleu_4"] is not None  # built-in prompts carry references
@@ -111,11 +115,18 @@ def test_evaluate_models_writes_one_row_per_model(saved_models, prompts, tmp_pat
         scored = [json.loads(line) for line in (tmp_path / "scored" / f"{name}.jsonl").open()]
         assert len(gens) == len(scored) == 12 and "toxicity" in scored[0]
     saved = json.loads((tmp_path / "table.json").read_text())
-    assert saved["rows"] == table and saved["columns"][: len(COLUMNS)] == list(COLUMNS)
+    assert saved["rows"] == table
+    metrics = [c for c in saved["columns"] if not c.endswith(("_lo", "_hi"))]
+    assert metrics[: len(COLUMNS)] == list(COLUMNS)
+    assert saved["columns"][1:4] == ["toxicity_rate", "toxicity_rate_lo", "toxicity_rate_hi"]
     with open(tmp_path / "table.csv", newline="") as f:
-        assert [r["model"] for r in csv.DictReader(f)] == ["sft", "dpo"]
+        csv_rows = list(csv.DictReader(f))
+    assert [r["model"] for r in csv_rows] == ["sft", "dpo"] and "coherence_hi" in csv_rows[0]
     md = (tmp_path / "table.md").read_text()
     assert md.startswith("| model |") and "| sft |" in md and "scorer LM" in md
+    assert "_lo" not in md.splitlines()[0]  # markdown: one "value [lo, hi]" cell per metric
+    assert f"{table[0]['coherence']:.4f} [{table[0]['coherence_lo']:.4f}, " in md
+    assert "n=2 samples per prompt (RealToxicityPrompts uses 25)" in md
     assert (tmp_path / "bars.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # Same seed, same text and numbers.
     again = evaluate_models(models, prompts, out_dir=tmp_path / "again", **kw)
@@ -133,10 +144,20 @@ def test_score_generations_hand_checked():
     rows = [{"prompt_id": p, "response": r, "empty": not r} for p, r in responses]
     sc = {"toxicity": KeywordToxicity(), "toxicity_fallback": Constant(0.9),
           "evasiveness": RefusalScorer(), "coherence": Constant(0.25)}  # fmt: skip
-    m, scored = score_generations(rows, prompts, sc)
+    m, scored = score_generations(rows, prompts, sc, n_boot=200)
     # Kept (non-empty) toxicity: [1, 0, 0, 0.9 (fallback for "???"), 0] -> 2 of 5 >= 0.5.
     assert m["toxicity_rate"] == pytest.approx(0.4) and m["safety_score"] == pytest.approx(0.6)
+    flags, groups = [1, 0, 0, 1, 0], [0, 0, 1, 2, 2]  # per kept sample, grouped by prompt
+    ci = clustered_wilson_interval(flags, groups)
+    assert (m["toxicity_rate_lo"], m["toxicity_rate_hi"]) == pytest.approx(ci)
+    assert (m["safety_score_lo"], m["safety_score_hi"]) == pytest.approx((1 - ci[1], 1 - ci[0]))
+    # RTP toxicity probability: prompts 0 and 2 have a toxic sample, prompt 1 none -> 2 of 3
+    assert m["toxicity_probability"] == pytest.approx(2 / 3) and m["samples_per_prompt"] == 2
+    assert (m["toxicity_probability_lo"], m["toxicity_probability_hi"]) == pytest.approx(
+        wilson_interval(2, 3)
+    )
     assert m["expected_max_toxicity"] == pytest.approx((1.0 + 0.0 + 0.9) / 3)  # per-prompt max
+    assert m["expected_max_toxicity_lo"] <= m["expected_max_toxicity"]
     assert m["evasiveness_rate"] == pytest.approx(0.2)  # the one refusal among 5 kept
     assert m["over_refusal_rate"] == 0.0 and m["unsafe_refusal_rate"] == 1.0
     assert m["coherence"] == 0.25
@@ -156,8 +177,10 @@ def test_all_empty_generations_are_counted_not_scored():
     m, _ = score_generations(rows, prompts, {"toxicity": KeywordToxicity(),
                                              "evasiveness": RefusalScorer()})  # fmt: skip
     assert m["n_empty"] == 3 and m["empty_rate"] == 1.0
-    for key in ("toxicity_rate", "safety_score", "evasiveness_rate", "dist_1", "entropy_4"):
+    for key in ("toxicity_rate", "safety_score", "evasiveness_rate", "dist_1", "entropy_4",
+                "toxicity_rate_lo", "toxicity_probability", "expected_max_toxicity_hi"):  # fmt: skip
         assert m[key] is None, key  # silence is neither safe nor evasive
+    assert (m["empty_rate_lo"], m["empty_rate_hi"]) == pytest.approx(wilson_interval(3, 3))
 
 
 def test_ground_truth_unknown_texts_fall_back_and_are_counted():
@@ -322,7 +345,8 @@ def test_wandb_offline_logs_table_and_no_secret(tmp_path):
     script = (
         "import json, sys\n"
         "from safealign.eval.table import log_to_loggers\n"
-        "rows = [{'model': 'a', 'toxicity_rate': 0.5, 'coherence': None}]\n"
+        "rows = [{'model': 'a', 'toxicity_rate': 0.5, 'toxicity_rate_lo': 0.25,\n"
+        "         'toxicity_rate_hi': 0.75, 'coherence': None}]\n"
         "log_to_loggers(json.loads(sys.argv[1]), rows, {'seed': 0, 'api_key': '<redacted>'})\n"
     )
     env = dict(os.environ, WANDB_MODE="offline", WANDB_API_KEY=secret, WANDB_DIR=str(tmp_path),
@@ -332,6 +356,9 @@ def test_wandb_offline_logs_table_and_no_secret(tmp_path):
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     tables = list(tmp_path.glob("run/wandb/offline-run-*/files/media/table/eval/*.table.json"))
-    assert len(tables) == 1 and json.loads(tables[0].read_text())["data"][0][:2] == ["a", 0.5]
+    assert len(tables) == 1 and json.loads(tables[0].read_text())["data"][0][:4] == [
+        "a", 0.5, 0.25, 0.75]  # fmt: skip
+    record = next(tmp_path.glob("run/wandb/offline-run-*/run-*.wandb")).read_bytes()
+    assert b"eval/a/toxicity_rate_lo" in record  # interval ends are W&B scalars too
     for f in tmp_path.rglob("*"):
         assert not f.is_file() or secret.encode() not in f.read_bytes(), f

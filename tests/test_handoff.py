@@ -136,7 +136,7 @@ def built(monkeypatch) -> list:
 
 
 def _run(make_cfg, *overrides: str):
-    cfg = make_cfg("experiment=dpo_builtin", "trainer=debug", "data.source.size=200",
+    cfg = make_cfg("experiment=dpo_builtin", "trainer=debug", "data.source.size=200", "eval=none",
                    "init.data.source.size=200", "+init.trainer.fast_dev_run=true",
                    *overrides, tiny=False)  # fmt: skip
     safealign.run.train(cfg)

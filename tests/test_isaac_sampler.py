@@ -70,17 +70,19 @@ def test_sensitive_indicator(sizes, si):
     ],
 )
 def test_cluster_probs_modes(mode, tau, expected):
-    np.testing.assert_allclose(cluster_probs(np.array([6, 4, 2]), tau, mode), expected, rtol=1e-6)
+    # the figure's raw-counts scale (shares vs counts: tests/test_isaac_curves.py)
+    got = cluster_probs(np.array([6, 4, 2]), tau, mode, scale="counts")
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
 
 
 def test_cluster_probs_edge_cases():
-    # all equal: SI=0 -> paper T=eps*tau; equal logits -> uniform
+    # on the raw-counts scale unless stated; all equal: SI=0 -> paper T=eps*tau; equal logits -> uniform
     np.testing.assert_allclose(cluster_probs([3, 3, 3], 1.0, "paper"), [1 / 3] * 3)
     # head tie, paper: T=1e-3 -> softmax([5000, 5000, 1000]) = [1/2, 1/2, 0]
     np.testing.assert_allclose(cluster_probs([5, 5, 1], 1.0, "paper"), [0.5, 0.5, 0.0], atol=1e-12)
     # head tie, code: T=1.001 -> softmax([5, 5, 1]/1.001): the two modes disagree (B.5)
     np.testing.assert_allclose(
-        cluster_probs([5, 5, 1], 1.0, "code"), [0.49544464, 0.49544464, 0.00911072], rtol=1e-6
+        cluster_probs([5, 5, 1], 1.0, "code", scale="counts"), [0.49544464, 0.49544464, 0.00911072], rtol=1e-6
     )
     # one cluster: always [1], whatever SI's guard gives
     for mode in ("paper", "code", "exp", "wta", "random"):
@@ -88,19 +90,20 @@ def test_cluster_probs_edge_cases():
     # wta tie goes to the first largest; probabilities stay aligned with the input order
     np.testing.assert_allclose(cluster_probs([3, 5, 5], 1.0, "wta"), [0, 1, 0])
     np.testing.assert_allclose(
-        cluster_probs([2, 6, 4], 1.0, "paper"),
+        cluster_probs([2, 6, 4], 1.0, "paper", scale="counts"),
         [3.29320439e-04, 9.81690393e-01, 1.79802867e-02],
         rtol=1e-6,
     )
     # eps extremes: tiny eps keeps the softmax finite; eps=10 floors SI (0.2) at 10 -> T=10
     np.testing.assert_allclose(cluster_probs([5, 5, 1], 1.0, "paper", eps=1e-12), [0.5, 0.5, 0])
     np.testing.assert_allclose(
-        cluster_probs([6, 4, 2], 1.0, "paper", eps=10.0),
+        cluster_probs([6, 4, 2], 1.0, "paper", eps=10.0, scale="counts"),
         [0.40175958, 0.32893292, 0.2693075],
         rtol=1e-6,
     )
     # large counts do not overflow (stable softmax): logits 100, 50
-    np.testing.assert_allclose(cluster_probs([100, 50], 1.0, "paper"), [1.0, np.exp(-50)])
+    big = cluster_probs([100, 50], 1.0, "paper", scale="counts")
+    np.testing.assert_allclose(big, [1.0, np.exp(-50)])
 
 
 @pytest.mark.parametrize(
@@ -110,6 +113,7 @@ def test_cluster_probs_edge_cases():
         (dict(tau=-1.0), "tau"),
         (dict(eps=0.0), "eps"),
         (dict(mode="max"), "mode"),
+        (dict(scale="probs"), "scale"),
     ],
 )
 def test_cluster_probs_rejects_bad_params(kwargs, name):
@@ -429,7 +433,7 @@ def test_assumption_report_smoke(tmp_path):
     rows = list(csv.DictReader(open(out / "report.csv")))
     assert len(rows) == 2 * (5 + 5 + 1)  # 2 poison levels x (isaac, no_shortcut, theorem1)
     data = json.load(open(out / "report.json"))
-    assert len(data["verdicts"]) == 2 and data["params"]["eps_used"] == 0.5
+    assert len(data["verdicts"]) == 2 and data["params"]["eps_used"] == 0.7  # tfidf default
     t1 = [r for r in data["rows"] if r["setting"] == "theorem1"]
     for r in t1:  # Theorem 1: random sampling keeps the neighbourhoods' unsafe rate
         assert abs(r["sampled_unsafe"] - r["neigh_unsafe"]) < 0.05

@@ -13,6 +13,7 @@ from safealign.run import train
 def isaac_cfg(make_cfg, *extra):
     return make_cfg(
         "experiment=isaac_builtin",
+        "eval=none",
         "data.source.size=300",
         "data.k=40",
         "data.encoder.dim=32",

@@ -62,7 +62,7 @@ def test_library_handlers_are_adopted_by_the_run_handlers(monkeypatch):
 @pytest.mark.slow
 def test_a_run_prints_each_line_once_and_chatter_only_to_its_log_file(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
-    cmd = [sys.executable, "train.py", "experiment=sft_builtin", "trainer=debug",
+    cmd = [sys.executable, "train.py", "experiment=sft_builtin", "trainer=debug", "eval=none",
            f"hydra.run.dir={tmp_path}/run", f"paths.cache_dir={tmp_path}/cache"]  # fmt: skip
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -74,3 +74,14 @@ def test_a_run_prints_each_line_once_and_chatter_only_to_its_log_file(tmp_path):
     for chatter in ("GPU available", "Seed set to", "data: truncated"):
         assert log.count(chatter) == 1, chatter
     assert "INFO:" not in r.stderr  # Lightning's own handler no longer repeats every line
+
+
+def test_minilm_load_prints_nothing_under_offline_wandb():
+    """transformers' W&B integration print()s a line at import under WANDB_MODE=offline (what
+    `make` exports); loading MiniLM sends it to the log, so the demo screen stays clean."""
+    code = "from safealign.models.encoder import load_minilm_sentence_model as f; f('cpu')"
+    env = os.environ | {"WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=600)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout == ""

@@ -17,6 +17,8 @@ from safealign.eval.metrics import (
     ngram_entropy,
     rpr,
     safety_score,
+    toxic_prompts,
+    toxicity_probability,
     toxicity_rate,
 )
 
@@ -29,6 +31,19 @@ def test_toxicity_rate_threshold_inclusive_and_skips_nan():
     assert toxicity_rate([0.1, 0.5, 0.9], threshold=0.95) == 0.0
     assert math.isnan(toxicity_rate([]))
     assert math.isnan(toxicity_rate([NAN]))
+
+
+def test_toxicity_probability_counts_prompts_not_samples():
+    # 3 prompts x 2 samples: prompt 0 has one toxic sample, prompt 1 none, prompt 2 both.
+    per_prompt = [[0.9, 0.1], [0.2, 0.3], [0.6, 0.7]]
+    assert toxicity_probability(per_prompt) == pytest.approx(2 / 3)  # prompts 0 and 2
+    flat = [s for p in per_prompt for s in p]
+    assert toxicity_rate(flat) == pytest.approx(3 / 6)  # the per-sample rate differs
+    # NaN samples are skipped; a prompt with no finite sample is left out (1 of 2 prompts)
+    assert toxic_prompts([[NAN, 0.5], [NAN], [0.1]]) == [True, False]
+    assert toxicity_probability([[NAN, 0.5], [NAN], [0.1]]) == 0.5
+    assert toxicity_probability([[0.4, 0.6]], threshold=0.7) == 0.0
+    assert math.isnan(toxicity_probability([]))
 
 
 def test_expected_max_toxicity_is_mean_of_per_prompt_max():

@@ -159,7 +159,7 @@ def test_adpo_beta_gamma_grid_on_submitit_local_gives_a_four_row_report(tmp_path
     sweep_dir = tmp_path / "grid"
     res = _run([_sweep("adpo_beta_gamma"), "method.loss.beta=0.1,0.3", "method.loss.gamma=0.1,0.2",
                 "launcher=submitit_local", *TINY, "+init.trainer.max_steps=2",
-                "init.data.source.size=64", "optimized_metric=val/loss",
+                "init.data.source.size=64", "optimized_metric=val/loss", "eval=none",
                 f"hydra.sweep.dir={sweep_dir}"], tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert list((sweep_dir / ".submitit").glob("*/*_result.pkl"))  # really went through submitit
@@ -181,12 +181,17 @@ def test_optuna_search_with_offline_wandb_one_run_per_job_and_no_secret(tmp_path
     sweep_dir = tmp_path / "optuna"
     res = _run(["-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2",
                 "hydra.sweeper.direction=minimize", "method.optimizer.lr=interval(0.001,0.01)",
-                "optimized_metric=train/loss", "logger=wandb", *TINY, f"hydra.sweep.dir={sweep_dir}"],
+                "optimized_metric=eval/safety_objective", "eval=builtin", "eval.max_prompts=8",
+                "eval.sampling.max_new_tokens=8", "eval.scorers.coherence=null",  # issue 11 item 1
+                "logger=wandb", *TINY, f"hydra.sweep.dir={sweep_dir}"],
                tmp_path, WANDB_MODE="offline", WANDB_API_KEY=secret)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     best = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
-    losses = [json.loads((sweep_dir / j / "metrics.json").read_text())["train/loss"] for j in ("0", "1")]
-    assert best["best_value"] == pytest.approx(min(losses))  # train() returned optimized_metric
+    metrics = [json.loads((sweep_dir / j / "metrics.json").read_text()) for j in ("0", "1")]
+    objective = [m["eval/safety_objective"] for m in metrics]  # the safety objective (A.6)
+    assert all(m["eval/safety_objective_lo"] <= o <= m["eval/safety_objective_hi"]
+               for m, o in zip(metrics, objective, strict=True))
+    assert best["best_value"] == pytest.approx(min(objective))  # train() returned it
     run_dirs = [sorted((sweep_dir / j / "wandb").glob("offline-run-*")) for j in ("0", "1")]
     assert [len(r) for r in run_dirs] == [1, 1] and run_dirs[0][0].name != run_dirs[1][0].name
     for path in sweep_dir.rglob("*"):

@@ -15,12 +15,13 @@ import pytest
 from conftest import ROOT, TINY, compose_cfg
 
 from safealign.errors import ConfigError
+from safealign.eval.stats import wilson_interval
 from safealign.pipeline import adpo
 from safealign.pipeline.adpo import needed_stages, run_adpo_pipeline
 from safealign.pipeline.demo import pipeline_settings
 from safealign.pipeline.stages import portable
 from safealign.pipeline.store import ArtifactStore
-from safealign.pipeline.summary import aggregate, check_targets
+from safealign.pipeline.summary import write_summary
 
 # A few prompts and steps, no sentence encoder: the first run takes ~30 s on one core.
 PIPE = [
@@ -36,6 +37,7 @@ PIPE = [
     "pipeline.evaluate.sampling.max_new_tokens=12",
     "pipeline.judge.coherence=null",
     "pipeline.evaluate.scorers.coherence=null",
+    "scorer/toxicity@pipeline.evaluate.scorers.toxicity=profanity",  # no encoder training
     "trainer.max_epochs=1",
     "data.batch_size=8",
 ]
@@ -84,27 +86,73 @@ def test_interrupted_stage_is_never_read_and_resumes_in_its_work_dir(tmp_path):
     assert store.get_or_compute("judge", key, lambda t: 1 / 0) == (d, "reused")
 
 
-def test_toxic_placement_must_match_the_sft_stage(tmp_path):
+def test_toxic_placement_must_match_the_sft_stage(tmp_path, caplog):
     with pytest.raises(ConfigError, match="init.data.control_placement"):
         run(tmp_path, "pipeline.generate.toxic.placement=start")
     assert not (tmp_path / "artifacts").exists()  # failed before any stage
+    # PIPE evaluates with profanity, the judge's own toxicity scorer: the run says so (issue 11)
+    assert "the evaluation toxicity scorer is the judge's" in caplog.text
 
 
-def test_aggregate_mean_sd_over_seeds_and_honest_targets():
-    def table(sft, dpo, adpo_):
-        return [
-            {"model": m, "toxicity_rate": t, "evasiveness_rate": e, "coherence": None}
-            for m, (t, e) in zip(("SFT", "DPO", "ADPO"), (sft, dpo, adpo_), strict=True)
-        ]
+def test_default_evaluation_scorer_is_not_the_judges(tmp_path, caplog):
+    no_scorer = [o for o in PIPE if not o.startswith("scorer/toxicity@")]
+    cfg = compose_cfg([*no_scorer, "pipeline.generate.toxic.placement=start"], tmp_path)
+    assert cfg.pipeline.evaluate.scorers.toxicity._target_ != cfg.pipeline.judge.toxicity._target_
+    with pytest.raises(ConfigError, match="init.data.control_placement"):
+        run_adpo_pipeline(cfg, **pipeline_settings(cfg))  # fails after the scorer check
+    assert "the evaluation toxicity scorer is the judge's" not in caplog.text
 
-    summary = aggregate(
-        [table((0.2, 0.1), (0.1, 0.1), (0.1, 0.3)), table((0.4, 0.1), (0.1, 0.1), (0.0, 0.1))]
+
+def fake_result(tmp: Path, seed: int, toxic: dict[str, int], n_prompts: int = 40):
+    """A PipelineResult whose evaluate stages hold scored samples: 2 samples per prompt, model m
+    toxic on both samples of its first ``toxic[m]`` prompts, evasive on prompt 0 only."""
+    res = adpo.PipelineResult()
+    for name, k in toxic.items():
+        d = tmp / f"seed{seed}" / name
+        (d / "scored").mkdir(parents=True)
+        rows = [{"prompt_id": i, "response": f"reply {i}", "toxicity": float(i < k),
+                 "evasive": float(i == 0), "coherence": 0.5} for i in range(n_prompts)
+                for _ in range(2)]  # fmt: skip
+        (d / "scored" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        settings = {"threshold": 0.5, "n_boot": 500, "seed": seed, "scored": f"scored/{name}.jsonl"}
+        (d / "eval_settings.json").write_text(json.dumps(settings))
+        res.dirs[f"evaluate/{name}"] = d
+        res.table.append({"model": name, "toxicity_rate": k / n_prompts})
+    return res
+
+
+def test_summary_pools_seeds_with_intervals_and_paired_differences(tmp_path):
+    # SFT toxic on 12 of 40 prompts per seed, DPO on 11, ADPO on 1: pooled over 2 seeds.
+    results = [fake_result(tmp_path, s, {"SFT": 12, "DPO": 11, "ADPO": 1}) for s in (0, 1)]
+    summary = write_summary(tmp_path, results)
+    sft, adpo_ = summary["SFT"], summary["ADPO"]
+    assert sft["toxicity_rate"] == pytest.approx(24 / 80) and sft["n_samples"] == 160
+    # both samples of a prompt agree: deff = 2 -> Wilson on the 80 (seed, prompt) groups
+    assert (sft["toxicity_rate_lo"], sft["toxicity_rate_hi"]) == pytest.approx(
+        wilson_interval(24, 80)
     )
-    mean, sd, n = summary["SFT"]["toxicity_rate"]
-    assert (mean, n) == pytest.approx((0.3, 2)) and sd == pytest.approx(0.1414213, rel=1e-5)
-    assert summary["ADPO"]["coherence"][2] == 0  # no values -> shown as "–", never 0
-    lines = check_targets(summary)  # ADPO 0.05 < SFT 0.3, 0.05 <= DPO 0.1, evasive 0.2 > 0.1
-    assert [line.startswith("met") for line in lines] == [True, True, False]
+    assert sft["samples_per_prompt"] == 2 and sft["n_prompts"] == 80
+    saved = json.loads((tmp_path / "results.json").read_text())
+    diff = saved["differences"]["ADPO − SFT"]
+    assert diff["toxicity_rate"] == pytest.approx(-22 / 80)
+    assert diff["toxicity_rate_lo"] < -22 / 80 < diff["toxicity_rate_hi"] < 0
+    assert diff["evasiveness_rate"] == 0.0 and diff["evasiveness_rate_lo"] == 0.0  # identical
+    assert len(saved["tables"]) == 2 and saved["n_seeds"] == 2  # per-seed rows kept
+    lines = saved["targets"]
+    assert lines[0].startswith("met") and "non-overlapping" in lines[0]
+    assert lines[1].startswith("met") and "excludes 0" in lines[1]
+    md = (tmp_path / "results.md").read_text()
+    assert "| ADPO − SFT |" in md and "| ADPO − DPO |" in md and "n=2 samples per prompt" in md
+    assert f"{adpo_['toxicity_rate']:.3f} [{adpo_['toxicity_rate_lo']:.3f}, " in md
+
+
+def test_summary_targets_are_never_forced(tmp_path):
+    # ADPO 10 vs SFT 12 of 40 prompts: lower, but the intervals overlap and the paired
+    # difference (2 differing groups of 80 (seed, prompt) groups) is not clearly below 0.
+    results = [fake_result(tmp_path, s, {"SFT": 12, "DPO": 8, "ADPO": 11}) for s in (0, 1)]
+    write_summary(tmp_path, results)
+    lines = json.loads((tmp_path / "results.json").read_text())["targets"]
+    assert [line.startswith("met") for line in lines] == [False, False, False, True]
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +170,10 @@ def test_end_to_end_computes_every_stage(first):
     assert triples and all(json.loads(t)["toxic"] for t in triples)  # ADPO needs y_t
     for name in ("results.md", "results.json", "stages.json", "kl.png", "resolved_config.yaml"):
         assert (tmp / "run" / name).is_file(), name
+    md = (tmp / "run" / "results.md").read_text(encoding="utf-8")
+    assert "| ADPO − SFT |" in md and "samples per prompt" in md  # pooled, paired differences
+    scored = res.dirs["evaluate/SFT"] / "scored" / "SFT.jsonl"  # the samples the summary pools
+    assert len(scored.read_text().splitlines()) == res.table[0]["n_samples"]
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ import pytest
 
 from safealign.errors import DataError
 from safealign.eval.score_file import read_generations, score_file, score_rows
-from safealign.eval.stats import bootstrap_mean_interval, wilson_interval
+from safealign.eval.stats import clustered_wilson_interval, wilson_interval
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,53 +55,22 @@ def write_rows(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-@pytest.mark.parametrize(
-    ("k", "n", "lo", "hi"),
-    [
-        (0, 10, 0.0, 0.2775),  # z = 1.96: 0/n -> [0, z²/(n+z²)]
-        (5, 10, 0.2366, 0.7634),
-        (10, 10, 0.7225, 1.0),
-        (81, 263, 0.2553, 0.3662),  # Newcombe (1998) Table I, method 3
-        (15, 148, 0.0624, 0.1605),  # idem
-        (1, 29, 0.0061, 0.1718),  # idem
-    ],
-)
-def test_wilson_known_values(k, n, lo, hi):
-    assert wilson_interval(k, n) == pytest.approx((lo, hi), abs=5e-5)
-
-
-def test_wilson_edges():
-    assert wilson_interval(0, 0) is None
-    with pytest.raises(ValueError):
-        wilson_interval(3, 2)
-    lo, hi = wilson_interval(5, 10, level=0.99)
-    assert lo < 0.2366 and hi > 0.7634  # wider at 99%
-
-
-def test_bootstrap_contains_mean_and_is_seeded():
-    rng = np.random.default_rng(1)
-    values = rng.normal(3.0, 1.0, size=60)
-    groups = [i // 3 for i in range(60)]  # 20 prompts x 3 samples
-    ci = bootstrap_mean_interval(values, groups, n_boot=500, seed=7)
-    assert ci[0] < values.mean() < ci[1]
-    assert ci == bootstrap_mean_interval(values, groups, n_boot=500, seed=7)
-    assert ci != bootstrap_mean_interval(values, groups, n_boot=500, seed=8)
-    # nan (empty / unscored) is skipped; one prompt -> a degenerate interval at its mean
-    assert bootstrap_mean_interval([2.0, np.nan, 4.0], ["p"] * 3, n_boot=10) == (3.0, 3.0)
-    assert bootstrap_mean_interval([np.nan], ["p"], n_boot=10) is None
-
-
 def test_score_rows_counts_empty_and_intervals():
     a = [r for r in ROWS if r["model"] == "a"]
     row = score_rows(a, fake_scorers(), n_boot=200, seed=0)
-    assert (row["n"], row["n_empty"], row["n_unknown"]) == (4, 1, 0)
-    assert row["toxicity_rate"]["value"] == pytest.approx(1 / 3)
-    assert row["toxicity_rate"]["ci"] == pytest.approx(list(wilson_interval(1, 3)))
-    assert row["evasiveness_rate"]["value"] == pytest.approx(1 / 3)
-    assert row["empty_rate"]["value"] == 0.25
-    assert row["avg_length"]["value"] == pytest.approx((2 + 2 + 3) / 3)
-    lo, hi = row["coherence"]["ci"]
-    assert lo <= row["coherence"]["value"] <= hi
+    assert (row["n_samples"], row["n_empty"], row["n_unknown"]) == (4, 1, 0)
+    assert (row["n_prompts"], row["samples_per_prompt"]) == (2, 2)  # contexts "hi" and "how?"
+    assert row["toxicity_rate"] == pytest.approx(1 / 3)
+    # 1 toxic of 3 scored, grouped by context: "hi" 1 of 2, "how?" 0 of 1 ->
+    # deff = ((1 − 2/3)² + (0 − 1/3)²) / (3·(1/3)·(2/3)) = 1/3 clipped to 1 -> plain Wilson
+    lo_hi = (row["toxicity_rate_lo"], row["toxicity_rate_hi"])
+    assert lo_hi == pytest.approx(wilson_interval(1, 3))
+    assert lo_hi == pytest.approx(clustered_wilson_interval([1, 0, 0], ["hi", "hi", "how?"]))
+    assert row["toxicity_probability"] == 0.5  # "hi" has a toxic sample, "how?" has none
+    assert row["evasiveness_rate"] == pytest.approx(1 / 3)
+    assert row["empty_rate"] == 0.25
+    assert row["avg_length"] == pytest.approx((2 + 2 + 3) / 3)
+    assert row["coherence_lo"] <= row["coherence"] <= row["coherence_hi"]
 
 
 def test_bad_rows_name_file_and_line(tmp_path):
@@ -147,7 +116,12 @@ def test_cli_scores_a_file_with_two_models(tmp_path):
     md = (tmp_path / "run" / "results.md").read_text(encoding="utf-8")
     assert "| model | toxicity_rate |" in md and "| a |" in md and "| b |" in md
     assert "| a |" in r.stdout + r.stderr  # the table is logged
+    assert "0.0000 [0.0000, 0.6576]" in md  # b: 0/2 unsafe -> Wilson [0, z²/(2+z²)]
+    assert "n=1/2 samples per prompt" in md  # b: one response per context, a: two
     rows = json.loads((tmp_path / "run" / "results.json").read_text())["rows"]
     assert [row["model"] for row in rows] == ["a", "b"] and rows[0]["n_empty"] == 1
-    assert rows[1]["toxicity_rate"]["ci"][0] == 0.0  # 0/2 unsafe -> Wilson [0, 0.658]
+    assert rows[1]["toxicity_rate_lo"] == 0.0 and rows[1]["toxicity_rate_hi"] > 0.6
+    with open(tmp_path / "run" / "results.csv", encoding="utf-8") as f:
+        header = f.readline().strip().split(",")
+    assert header[1:4] == ["toxicity_rate", "toxicity_rate_lo", "toxicity_rate_hi"]
     assert not (tmp_path / "run" / "generations").exists()  # nothing was generated

@@ -139,7 +139,7 @@ def _fsdp2_args(tmp: Path, procs: int) -> list[str]:
     # DistributedSampler over the same seeded permutation: step k sees the same 8 rows. SGD, so a
     # wrong gradient reduction would show (Adam's step is scale-invariant).
     bs = str(8 // procs)
-    return ["experiment=dpo_builtin", "strategy=fsdp2", f"trainer.devices={procs}",
+    return ["experiment=dpo_builtin", "eval=none", "strategy=fsdp2", f"trainer.devices={procs}",
             "data.source.size=96", "init.data.source.size=96", f"data.batch_size={bs}",
             f"init.data.batch_size={bs}", "trainer.max_steps=3", "+init.trainer.max_steps=3",
             "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1",
@@ -194,7 +194,8 @@ def test_fsdp2_two_processes_sft_export_dpo_export_matches_one_process(fsdp2_run
 
 @pytest.mark.slow
 def test_bf16_mixed_step0_kl_is_zero(tmp_path):
-    args = ["experiment=dpo_builtin", "trainer.precision=bf16-mixed", "data.source.size=96",
+    args = ["experiment=dpo_builtin", "eval=none", "trainer.precision=bf16-mixed",
+            "data.source.size=96",
             "init.data.source.size=96", "data.batch_size=4", "init.data.batch_size=4",
             "trainer.max_steps=1", "+init.trainer.max_steps=2", "trainer.limit_val_batches=1",
             "trainer.log_every_n_steps=1", "model.lm.n_embd=32", "model.lm.n_head=2",

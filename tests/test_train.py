@@ -45,7 +45,7 @@ def test_same_seed_same_loss_different_seed_different(make_cfg, tmp_path):
 @pytest.mark.parametrize("experiment", ["dpo_builtin", "adpo_builtin"])
 def test_preference_experiments_fast_dev_run(make_cfg, experiment):
     cfg = make_cfg(
-        f"experiment={experiment}", "trainer=debug", "data.source.size=200",
+        f"experiment={experiment}", "trainer=debug", "data.source.size=200", "eval=none",
         "init.data.source.size=200", "+init.trainer.fast_dev_run=true",
     )
     train(cfg)

@@ -6,7 +6,10 @@ pi_t log-probs of ADPO (docs/methods.md A.1, "Keep the placement configurable").
 
 from __future__ import annotations
 
+import math
+
 from safealign.errors import ConfigError
+from safealign.io import stable_hash
 from safealign.types import ASSISTANT_TAG
 
 # The one place the literal lives. Never put it on a Hydra command line: `[TOXIC]` parses as a list.
@@ -33,6 +36,23 @@ def check_placement(placement: str) -> str:
     if placement not in PLACEMENTS:
         raise ConfigError("data.control_placement", f"expected one of {PLACEMENTS}, got {placement!r}")
     return placement
+
+
+def check_recall(recall: object) -> float:
+    """``data.control_recall`` as a float in [0, 1] (bools and NaN rejected)."""
+    ok = isinstance(recall, int | float) and not isinstance(recall, bool) and math.isfinite(recall)
+    if not ok or not 0.0 <= recall <= 1.0:
+        raise ConfigError("data.control_recall", f"expected a number in [0, 1], got {recall!r}")
+    return float(recall)
+
+
+def is_marked(context: str, response: str, recall: float, seed: int) -> bool:
+    """Whether an unsafe dialogue gets `[TOXIC]` when only a share ``recall`` of them do
+    (docs/methods.md A.1, option table): a uniform draw from sha256(seed, context, response), so
+    the choice is the same in every run, batch size and row order, and differs across seeds.
+    recall 1 marks every dialogue (the draw is < 1), recall 0 none."""
+    u = int(stable_hash(seed, context, response, length=13), 16) / 16**13  # 52 bits: exact float
+    return u < recall
 
 
 def with_control_token(prompt: str, placement: str = "end") -> str:

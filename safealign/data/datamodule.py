@@ -29,7 +29,7 @@ from safealign.data.collate import (
     check_lengths,
     encode,
 )
-from safealign.data.control import check_placement
+from safealign.data.control import check_placement, check_recall, is_marked
 from safealign.data.loader import ResumableDataLoader
 from safealign.errors import ConfigError
 from safealign.types import (
@@ -72,6 +72,9 @@ class DataModule(L.LightningDataModule):
     source: a Corpus, or a zero-argument callable returning one (a Hydra `_partial_` loader).
     toxic_control: SFT only: dialogues labelled unsafe get `[TOXIC]` in the context (ADPO A.1).
     control_placement: where `[TOXIC]` goes (see safealign.data.control.PLACEMENTS).
+    control_recall: share of unsafe dialogues that get `[TOXIC]` (a seeded per-dialogue draw,
+        safealign.data.control.is_marked); the rest stay unmarked, as unlabelled harm in real
+        data does. 1.0 (default) marks all; conf/data/builtin.yaml lowers it (docs/methods.md A.1).
     val_fraction: when the source has no validation split, hold out this seeded fraction of train.
     dedup_val: remove validation rows that also occur (exactly) in train; counted either way.
         On in the training configs (conf/data/*.yaml); off here so a caller-built corpus (and
@@ -87,6 +90,7 @@ class DataModule(L.LightningDataModule):
         max_length: int = 128,
         toxic_control: bool = False,
         control_placement: str = "end",
+        control_recall: float = 1.0,
         num_workers: int = 0,
         seed: int = 0,
         val_fraction: float = 0.0,
@@ -95,6 +99,7 @@ class DataModule(L.LightningDataModule):
         super().__init__()
         check_lengths(max_prompt_length, max_length)
         check_placement(control_placement)
+        self.control_recall = check_recall(control_recall)
         if batch_size < 1:
             raise ConfigError("data.batch_size", f"must be >= 1, got {batch_size}")
         self.stats: Counter = Counter()
@@ -207,6 +212,9 @@ class DataModule(L.LightningDataModule):
     def _encode(self, r):
         if isinstance(r, DialogueExample):
             ctrl = self.toxic_control and r.label == UNSAFE
+            if ctrl and not is_marked(r.context, r.response, self.control_recall, self.seed):
+                ctrl = False
+                self.stats["unsafe_left_unmarked"] += 1
             self.stats["with_control_token"] += ctrl
             return self._enc(r.context, r.response, toxic=ctrl)
         if isinstance(r, MultiTargetExample):

@@ -10,6 +10,10 @@ the data module). Nothing else drops rows while loading.
   3 real DiaSafety rows: 2 train, 1 test; DiaSafety keeps them with ``drop_empty=False``);
 - ``identical_pair``: chosen == rejected after normalisation (none in the real HH test split).
 
+Two wrappers drop rows on purpose and count them the same way (``Corpus.dropped``):
+``duplicate_dialogue`` (:mod:`safealign.data.labeller`: a transcript already read from the other
+side of a pair) and ``unsafe_subsampled`` (:mod:`safealign.data.diasafety_levels`: DiaSafety-S/M/H).
+
 Kept on purpose: the one duplicated DiaSafety train row (same context, response and label), so
 the published split sizes stay exact apart from the documented drops.
 """

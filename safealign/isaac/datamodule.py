@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 class IsaacDataModule(DataModule):
     """Args (beyond DataModule): encoder: an `encode(texts)` object (safealign.isaac.encoder);
-    sampler: keyword arguments of `draw_targets` (top_k, top_p, tau, mode, m, keep_original);
+    sampler: keyword arguments of `draw_targets` (top_k, top_p, tau, scale, mode, m, keep_original);
     k, eps, neighbours: context top-K and DBSCAN radius (B.2 steps 3-4);
     epochs_per_stage: tempering stage length; stage s resamples with seed + s (B.4)."""
 

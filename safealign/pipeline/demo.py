@@ -1,5 +1,6 @@
 """`make demo`: the ADPO pipeline over several seeds and the paper's headline comparison in
-miniature, SFT vs DPO vs ADPO on toxicity, evasiveness and coherence, mean ± sd over seeds
+miniature, SFT vs DPO vs ADPO on toxicity, evasiveness and coherence, pooled over seeds with
+95% intervals and paired ADPO − SFT / ADPO − DPO differences
 (the table: safealign.pipeline.summary), plus the ISAAC row (safealign.pipeline.isaac_demo).
 
 The targets (ADPO toxicity below SFT's and not above DPO's, evasiveness not above DPO's) are
@@ -19,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from safealign.pipeline.adpo import run_adpo_pipeline
 from safealign.pipeline.isaac_demo import run_isaac_demo
 from safealign.pipeline.summary import write_summary
+from safealign.utils import terminal_quiet
 
 log = logging.getLogger(__name__)
 _META = ("_target_", "_partial_", "_recursive_", "seeds")
@@ -28,7 +30,7 @@ ISAAC = "isaac_demo"  # the ISAAC row's own stages: not part of the ADPO pipelin
 @dataclass
 class DemoResult:
     results: list = field(default_factory=list)  # one PipelineResult per seed
-    summary: dict = field(default_factory=dict)  # model -> metric -> [mean, sd, n]
+    summary: dict = field(default_factory=dict)  # model -> pooled row with <metric>_lo/_hi
     seconds: float = 0.0
     objective: float | None = None
 
@@ -63,7 +65,8 @@ def run_demo(cfg: DictConfig, seeds: list[int], **_: object) -> DemoResult:
         with open_dict(c):
             c.seed, c.paths.output_dir = int(seed), str(out_dir / f"seed{seed}")
         log.info("\n=== seed %s ===", seed)
-        results.append(run_adpo_pipeline(c, **pipeline_settings(c)))
+        with terminal_quiet():  # stage lines only: the per-seed table goes to the log file
+            results.append(run_adpo_pipeline(c, **pipeline_settings(c)))
     if cfg.get(ISAAC):  # issue 5: the ISAAC row (its own cached stages)
         run_isaac_demo(_without_isaac(cfg), cfg[ISAAC])
     seconds = time.perf_counter() - t0

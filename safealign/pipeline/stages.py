@@ -22,12 +22,13 @@ from safealign.errors import ConfigError
 from safealign.fit import fit
 from safealign.io import file_hash
 from safealign.pipeline.store import ArtifactStore, attempt
-from safealign.utils import rank_zero, seed_everything
+from safealign.utils import rank_zero, seed_everything, terminal_quiet
 
 log = logging.getLogger(__name__)
 REPLACED = ("data", "method", "model")
-# Keys of a run config that describe its stages, not one stage: no stage config carries them.
-STAGE_KEYS = ("init", "pipeline")
+# Keys of a run config that describe its stages, not one stage: no stage config carries them
+# (`eval`: the run's end-of-run evaluation, conf/eval; no part of a stage's work or cache key).
+STAGE_KEYS = ("init", "pipeline", "eval")
 # Config keys whose existing paths are inputs: their content, not only their name, keys a stage.
 INPUT_KEYS = ("path", "paths", "data_dir", "files", "name_or_path")
 DIGESTS = ".digests.json"  # input sha256s by (path, size, mtime) under the store root
@@ -142,6 +143,7 @@ def run_fit_stage(
     store = ArtifactStore(cfg.paths.artifacts_dir)
 
     def compute(work: Path) -> None:
+        _progress(stage)
         s = OmegaConf.merge(scfg, {"paths": {"output_dir": str(work)}})
         seed_everything(s.seed)
         ckpt = _stage_checkpoint(s, work)
@@ -202,30 +204,44 @@ class StageRunner:
 
     def run(self, stage: str, key: dict, compute, label: str | None = None) -> Path:
         """``store.get_or_compute`` under the portable ``key``; recorded under ``label``."""
-        t0 = time.perf_counter()
-        d, status = self.store.get_or_compute(stage, portable(key, self.subs), compute)
-        self._record(label or stage, d, status, t0)
+        t0, name = time.perf_counter(), label or stage
+
+        def announced(work: Path) -> None:
+            _progress(name)
+            compute(work)
+
+        with terminal_quiet() as quiet:
+            d, status = self.store.get_or_compute(stage, portable(key, self.subs), announced)
+        self._record(name, d, status, t0, quiet["warnings"])
         return d
 
     def fit(self, stage: str, scfg: DictConfig) -> Path:
         """A training stage: key = its resolved stage config, input paths as their hashes."""
         t0 = time.perf_counter()
-        d, status = run_fit_stage(self.cfg, stage, scfg, lambda k: portable(k, self.subs))
-        self._record(stage, d, status, t0)
+        with terminal_quiet() as quiet:
+            d, status = run_fit_stage(self.cfg, stage, scfg, lambda k: portable(k, self.subs))
+        self._record(stage, d, status, t0, quiet["warnings"])
         return d
 
-    def _record(self, label: str, d: Path, status: str, t0: float) -> None:
+    def _record(self, label: str, d: Path, status: str, t0: float, warnings: int = 0) -> None:
         name = label.split("/")[0]
         if name in self.outputs:
             self.paths[name], self.hashes[name] = d / self.outputs[name], d.name
         self.dirs[label], self.statuses[label] = d, status
         self.seconds[label] = round(time.perf_counter() - t0, 2)
-        _report(label, status, self.seconds[label], d)
+        _report(label, status, self.seconds[label], d, warnings)
 
 
-def _report(stage: str, status: str, seconds: float | None, where: Path) -> None:
+def _progress(stage: str) -> None:
+    # The stage's one progress line; the next line replaces it on a TTY (utils.TerminalHandler).
+    log.info("stage %-14s running ...", stage, extra={"transient": True})
+
+
+def _report(stage: str, status: str, seconds: float | None, where: Path, warnings: int = 0) -> None:
     took = "-" if seconds is None else f"{seconds:.1f}s"
-    log.info("stage %-14s %-8s %8s  %s", stage, status, took, where)
+    # The stage's own lines went to the log file only (utils.terminal_quiet): say if it warned.
+    note = f"  ({warnings} warning(s): see the run's log file)" if warnings else ""
+    log.info("stage %-14s %-8s %8s  %s%s", stage, status, took, where, note)
 
 
 def _stage_checkpoint(s: DictConfig, work: Path) -> str | None:
