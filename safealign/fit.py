@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 
 from safealign.io import write_json
 from safealign.methods.report import finish_run
+from safealign.ranks import is_rank_zero
 from safealign.utils import adopt_library_loggers, resolved_config
 
 if TYPE_CHECKING:  # the evaluation imports transformers: only its caller (run.train) loads it
@@ -46,5 +47,6 @@ def fit(
     if evaluation is not None:  # rank 0 only (plan_eval), after the export every rank joined
         device = str(trainer.strategy.root_device)  # sample where the run trained (GPU on GPU)
         metrics |= evaluation(out_dir, trainer.loggers, trainer.global_step, device)
-    write_json(out_dir / "metrics.json", metrics)
+    if is_rank_zero():  # one writer: the other ranks lack eval/* (rank 0 alone evaluates)
+        write_json(out_dir / "metrics.json", metrics)
     return metrics
