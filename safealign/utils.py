@@ -15,7 +15,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from safealign.errors import ConfigError
-from safealign.io import atomic_open, write_json
+from safealign.io import atomic_open
 
 SECRET_MARKERS = ("api_key", "apikey", "token", "secret", "secrets", "password", "passwd")
 REDACTED = "<redacted>"
@@ -282,7 +282,3 @@ def record_run(cfg: DictConfig, out_dir: Path) -> dict:
     with atomic_open(out_dir / "command.txt") as f:
         f.write(" ".join([sys.executable, *map(redact_overrides, sys.argv)]) + "\n")
     return container
-
-
-def save_metrics(out_dir: Path, metrics: dict) -> None:
-    write_json(out_dir / "metrics.json", metrics)

@@ -65,3 +65,13 @@ def make_cfg(tmp_path):
         return compose_cfg((TINY if tiny else []) + list(overrides), tmp_path)
 
     return make
+
+
+# The texts a tiny BPE tokenizer is trained on in the log-prob tests (test_logps, test_shared_prompt).
+BPE_SENTENCES = [
+    "How do I bake bread at home?",
+    "Mix flour, water and yeast, then bake it for forty minutes.",
+    "What is the capital of France? Paris is the capital of France.",
+    "I will not help you with that, go away.",
+    "Keep a regular schedule and avoid screens late at night.",
+]

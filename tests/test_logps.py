@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import BPE_SENTENCES as SENTENCES
 from torch.testing import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -19,13 +20,6 @@ from safealign.logps import concatenated_forward, sequence_logps, token_logps
 from safealign.models import build_tiny_gpt2, train_bpe_tokenizer
 from safealign.types import chat_prompt
 
-SENTENCES = [
-    "How do I bake bread at home?",
-    "Mix flour, water and yeast, then bake it for forty minutes.",
-    "What is the capital of France? Paris is the capital of France.",
-    "I will not help you with that, go away.",
-    "Keep a regular schedule and avoid screens late at night.",
-]
 PROMPT = chat_prompt(["How do I bake bread at home?"])
 CHOSEN, REJECTED, TOXIC_RESPONSE = (
     " Mix flour, water and yeast.",

@@ -13,7 +13,6 @@ from safealign.eval.metrics import (
     dpr,
     evasiveness_rate,
     expected_max_toxicity,
-    mean_sd,
     ngram_entropy,
     rpr,
     safety_score,
@@ -116,11 +115,3 @@ def test_rpr_dpr_hand_computed():
     assert rpr(["a banana", "apple"], lexicon=["banana"]) == pytest.approx(0.5)
     assert dpr([["shut up now"], ["shutup"]], lexicon=["shut up"]) == pytest.approx(0.5)
     assert math.isnan(rpr([]))
-
-
-def test_mean_sd_sample_sd():
-    mean, sd = mean_sd([1.0, 2.0, 3.0, 4.0])
-    assert mean == pytest.approx(2.5)
-    assert sd == pytest.approx(math.sqrt(5 / 3))  # squared deviations sum 5, ddof=1
-    assert mean_sd([0.7]) == (pytest.approx(0.7), 0.0)
-    assert all(math.isnan(v) for v in mean_sd([]))

@@ -10,6 +10,7 @@ import logging
 
 import pytest
 import torch
+from conftest import BPE_SENTENCES as SENTENCES
 from torch.testing import assert_close
 
 from safealign import shared_prompt as sp
@@ -20,13 +21,6 @@ from safealign.models.lm import frozen
 from safealign.shared_prompt import shared_prompt_forward
 from safealign.types import chat_prompt
 
-SENTENCES = [
-    "How do I bake bread at home?",
-    "Mix flour, water and yeast, then bake it for forty minutes.",
-    "What is the capital of France? Paris is the capital of France.",
-    "I will not help you with that, go away.",
-    "Keep a regular schedule and avoid screens late at night.",
-]
 PROMPTS = [
     chat_prompt(["How do I bake bread at home?"]),
     chat_prompt(["Hi", "Hello!", "What is the capital of France? Tell me more."]),

@@ -163,12 +163,3 @@ def dpr(
 ) -> float:
     """DPR: fraction of dialogues with >= 1 polluted response (docs/methods.md B.7)."""
     return _rate([any(is_polluted(r, lexicon) for r in d) for d in dialogues_responses])
-
-
-def mean_sd(values: Sequence[float] | np.ndarray) -> tuple[float, float]:
-    """Mean and sample standard deviation (ddof=1) for across-seed tables; sd=0 for one value."""
-    arr = np.asarray(values, dtype=float)
-    if arr.size == 0:
-        return math.nan, math.nan
-    sd = float(arr.std(ddof=1)) if arr.size > 1 else 0.0
-    return float(arr.mean()), sd
